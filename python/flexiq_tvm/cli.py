@@ -1,0 +1,111 @@
+"""The ``flexiq-tvm`` command line: parses arguments and calls one API function each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _models() -> list[str]:
+    from .zoo.registry import MODELS
+
+    return list(MODELS)
+
+
+def _write_json(doc: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def cmd_train(args) -> int:
+    from .zoo import train
+
+    entry = train.train(args.model, seed=args.seed, epochs=args.epochs, threads=args.threads)
+    print(f"{args.model}: FP32 top-1 {_fmt(entry['top1'])} on {entry['n_test_images']} test "
+          f"images; checkpoint sha256 {entry.get('sha256', '-')[:16]}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate_fp32
+
+    doc = evaluate_fp32(args.model, limit=args.limit, tvm_limit=args.tvm_limit,
+                        vias=tuple(args.via or ("torch.export",)))
+    print(f"{doc['model']} on {doc['dataset']} ({doc['n_images']} images, "
+          f"{doc['n_labelled']} labelled): FP32 top-1 {_fmt(doc['fp32']['top1'])}")
+    for r in doc["results"]:
+        print(f"  {r['method']:<12} ratio={r['ratio']} top-1 {_fmt(r['top1'])} "
+              f"agreement {_fmt(r['agreement'])} on {r['n_images']} images "
+              f"(max |logit diff| {r['max_abs_logit_diff']:.2e})")
+    _write_json(doc, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(tvm_limit=args.tvm_limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexiq-tvm",
+        description="FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a Fashion-MNIST zoo model (seeded) and commit it",
+                       description="Train a zoo model with its fixed recipe; writes the "
+                       "checkpoint and its manifest entry (sha256, accuracy, command).")
+    t.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy of a zoo model (torch FP32 and its TVM build)",
+                       description="Evaluate a zoo model: FP32 top-1 in torch on the test data "
+                       "and the TVM build's agreement with torch. Prints and writes JSON.")
+    e.add_argument("--model", required=True, choices=_models())
+    e.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    e.add_argument("--tvm-limit", type=int, default=500,
+                   help="images run through TVM (default 500; 0 skips TVM)")
+    e.add_argument("--via", choices=("torch.export", "onnx"), action="append",
+                   help="frontend of the TVM build (repeatable; default torch.export)")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
+                       description="Load every zoo model, print its FP32 accuracy from a real "
+                       "run and the agreement of its TVM build (both frontends) with torch.")
+    d.add_argument("--tvm-limit", type=int, default=200,
+                   help="images per model run through TVM (default 200)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .zoo.data import DataUnavailableError
+
+    try:
+        return args.func(args)
+    except (DataUnavailableError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"flexiq-tvm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

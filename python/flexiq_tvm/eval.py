@@ -1,0 +1,111 @@
+"""Accuracy evaluation of zoo models (``flexiq-tvm eval``).
+
+For now FP32: the torch model's top-1 on the test data and, for the TVM build of the same
+model (``frontend.build_fp32``), its top-1 agreement with torch and the largest logit
+difference.  The JSON follows the keys of DESIGN.md (``model, dataset, n_images, fp32.top1,
+results[method, ratio, top1, agreement]``); later issues append quantized rows to ``results``.
+
+Data: Fashion-MNIST models use the 10 000-image test set; EfficientNet-Lite0 uses the held-out
+part of the natural photos (several deterministic views each, never the calibration photos);
+there ``top1`` counts only the labelled (foolbox ImageNet) views, agreement counts all views.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from . import frontend
+from .zoo import data, registry
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_data(name: str, limit: int | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(dataset name, x, labels)`` of the evaluation data of zoo model ``name``."""
+    s = registry.spec(name)
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit={limit}; must be a positive number of images")
+    if s.dataset == "fmnist":
+        x, y = data.load_fmnist("test", limit=limit)
+        return "fashion-mnist-test", x, y
+    x, y = data.load_natural("evaluation", limit=limit)
+    return "natural-heldout-views", x, y
+
+
+def predict_torch(model, x: np.ndarray, batch: int = 250) -> np.ndarray:
+    """Logits of a torch model on numpy images (float32)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            outs.append(model(torch.from_numpy(x[i : i + batch])).numpy())
+    return np.concatenate(outs)
+
+
+def predict_runner(runner, x: np.ndarray, batch: int) -> np.ndarray:
+    """Logits of a built module with a static batch ``batch`` (the tail is zero-padded)."""
+    outs = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        n = len(xb)
+        if n < batch:
+            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
+        outs.append(runner(xb)[:n])
+    return np.concatenate(outs)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 accuracy over labelled images (label >= 0); ``None`` if none is labelled."""
+    mask = labels >= 0
+    if not mask.any():
+        return None
+    return float((logits[mask].argmax(1) == labels[mask]).mean())
+
+
+def evaluate_fp32(
+    name: str, limit: int | None = None, tvm_limit: int | None = 500,
+    vias: tuple[str, ...] = ("torch.export",), batch: int = 50,
+) -> dict:
+    """FP32 accuracy of zoo model ``name`` in torch, and its TVM build's agreement with torch.
+
+    ``limit`` caps the images for torch (default: all); ``tvm_limit`` caps those run through
+    the TVM build (default 500, ``0`` skips TVM; the default llvm pipeline leaves convolutions
+    unscheduled, so it is slow); ``vias`` lists the frontends to build through (one result row
+    each).  Returns the eval JSON document.
+    """
+    dataset, x, y = load_eval_data(name, limit)
+    model = registry.get_model(name)
+    t0 = time.time()
+    logits = predict_torch(model, x)
+    torch_s = time.time() - t0
+    acc = top1(logits, y)
+    doc = {
+        "model": name,
+        "dataset": dataset,
+        "n_images": len(x),
+        "n_labelled": int((y >= 0).sum()),
+        "fp32": {"top1": acc, "seconds": round(torch_s, 2)},
+        "results": [],
+    }
+    for via in vias if (tvm_limit is None or tvm_limit > 0) else ():
+        n = len(x) if tvm_limit is None else min(tvm_limit, len(x))
+        b = min(batch, n)
+        imported = frontend.import_model(model, x[:b], via=via)
+        runner = frontend.build_fp32(imported)
+        t0 = time.time()
+        tvm_logits = predict_runner(runner, x[:n], b)
+        doc["results"].append({
+            "method": "tvm-fp32",
+            "ratio": None,
+            "top1": top1(tvm_logits, y[:n]),
+            "agreement": float((tvm_logits.argmax(1) == logits[:n].argmax(1)).mean()),
+            "n_images": n,
+            "frontend": via,
+            "max_abs_logit_diff": float(np.abs(tvm_logits - logits[:n]).max()),
+            "seconds": round(time.time() - t0, 2),
+        })
+    return doc

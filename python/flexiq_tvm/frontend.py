@@ -1,0 +1,285 @@
+"""Frontends: a PyTorch module or an ONNX model -> a Relax IRModule (FP32).
+
+Two paths, both from TVM itself (see TVM_NOTES.md):
+
+* ``torch.export.export`` -> ``relax.frontend.torch.from_exported_program``;
+* ONNX (a path, bytes or ``onnx.ModelProto``; torch modules are exported with the TorchScript
+  exporter, opset 17) -> ``relax.frontend.onnx.from_onnx``.  Models whose ONNX graph computes
+  shapes at run time (EfficientNet's "same" padding gives dynamic ``Pad``/``Slice``) are
+  constant-folded first with onnxruntime's basic graph optimizations.
+
+Either way the result is an :class:`ImportedModel`: the module's ``main`` takes the input(s)
+followed by the weights, and ``params`` holds the weights in order, so later passes can see and
+rewrite them; :meth:`ImportedModel.bound` binds them as constants for building.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIA = ("torch.export", "onnx")
+ONNX_OPSET = 17
+
+
+@dataclass
+class ImportedModel:
+    """A Relax module whose ``main`` takes ``num_inputs`` inputs followed by ``params``."""
+
+    mod: Any  # tvm.IRModule
+    params: list[np.ndarray]
+    num_inputs: int
+    input_shapes: list[tuple[int, ...]]
+    source: str  # "torch.export" or "onnx"
+    param_names: list[str] = field(default_factory=list)
+
+    def bound(self):
+        """The module with every weight bound as a constant (``main`` takes only the inputs)."""
+        from tvm import relax
+
+        fn = self.mod["main"]
+        weights = dict(zip(list(fn.params[self.num_inputs :]), self.params, strict=True))
+        return relax.transform.BindParams("main", weights)(self.mod)
+
+
+def _detach(mod, num_inputs: int, input_shapes, source: str) -> ImportedModel:
+    from tvm import relax
+
+    mod, params = relax.frontend.detach_params(mod)
+    weights = [p.numpy() for p in params.get("main", [])]
+    fn = mod["main"]
+    if len(fn.params) != num_inputs + len(weights):
+        raise RuntimeError(
+            f"{source}: main has {len(fn.params)} parameters, expected {num_inputs} inputs + "
+            f"{len(weights)} weights"
+        )
+    names = [p.name for p in fn.params[num_inputs:]]
+    return ImportedModel(mod, weights, num_inputs, [tuple(s) for s in input_shapes], source, names)
+
+
+def _as_tuple(example_input) -> tuple:
+    if isinstance(example_input, tuple | list):
+        return tuple(example_input)
+    return (example_input,)
+
+
+def _to_torch(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"example input must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def from_torch(model, example_input) -> ImportedModel:
+    """Import a ``torch.nn.Module`` through ``torch.export`` (static shapes of the example)."""
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = tuple(_to_torch(x) for x in _as_tuple(example_input))
+    model = model.eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, args)
+    mod = from_exported_program(ep, keep_params_as_input=True)
+    return _detach(mod, len(args), [tuple(a.shape) for a in args], "torch.export")
+
+
+def export_onnx(model, example_input, path: str | os.PathLike | None = None,
+                opset: int = ONNX_OPSET):
+    """Export a torch module to ONNX (TorchScript exporter, ``dynamo=False``).
+
+    Returns the ``onnx.ModelProto``; also writes it to ``path`` when given.
+    """
+    import onnx
+    import torch
+
+    args = tuple(_to_torch(x) for x in _as_tuple(example_input))
+    buf = io.BytesIO()
+    names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), args, buf, opset_version=opset, dynamo=False,
+                          input_names=names, output_names=["output"])
+    proto = onnx.load_from_string(buf.getvalue())
+    if path is not None:
+        onnx.save(proto, str(path))
+    return proto
+
+
+def _load_onnx(model):
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes | bytearray):
+        return onnx.load_from_string(bytes(model))
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"ONNX file not found: {path}")
+        return onnx.load(str(path))
+    raise TypeError(f"expected an ONNX path, bytes or ModelProto, got {type(model).__name__}")
+
+
+_SHAPE_INPUT_OPS = {"Pad", "Slice", "Reshape", "Expand", "Tile", "Resize", "ConstantOfShape"}
+
+
+def _has_runtime_shapes(proto) -> bool:
+    """True when a shape-like operand (pads, starts, target shape...) is computed in the graph."""
+    const = {i.name for i in proto.graph.initializer}
+    const |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    for n in proto.graph.node:
+        if n.op_type == "Shape":
+            return True
+        if n.op_type in _SHAPE_INPUT_OPS:
+            operands = n.input if n.op_type == "ConstantOfShape" else n.input[1:]
+            if any(name and name not in const for name in operands):
+                return True
+    return False
+
+
+def fold_onnx_constants(proto):
+    """Constant-fold an ONNX graph (shape computations included) with onnxruntime.
+
+    Uses only onnxruntime's *basic* level, which folds constants and removes redundant nodes
+    but does not fuse ops into onnxruntime-specific ones, so the result stays standard ONNX.
+    """
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "folded.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = out
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(out)
+
+
+def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
+    """Import an ONNX model (path, bytes or ``ModelProto``).
+
+    ``input_shapes`` maps graph input names to static shapes; by default the shapes declared
+    in the graph are used (they must then be static).
+    """
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    proto = _load_onnx(model)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for inp in inputs:
+        if input_shapes and inp.name in input_shapes:
+            shapes[inp.name] = tuple(int(d) for d in input_shapes[inp.name])
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in inp.type.tensor_type.shape.dim]
+        if any(d is None or d <= 0 for d in dims):
+            raise ValueError(
+                f"ONNX input {inp.name!r} has a dynamic shape {dims}; pass input_shapes="
+                f"{{{inp.name!r}: (N, C, H, W)}}"
+            )
+        shapes[inp.name] = tuple(dims)
+    if input_shapes:
+        unknown = set(input_shapes) - set(shapes)
+        if unknown:
+            raise ValueError(f"input_shapes names {sorted(unknown)} are not graph inputs "
+                             f"(inputs: {sorted(shapes)})")
+    if _has_runtime_shapes(proto):
+        log.info("ONNX graph computes shapes at run time: constant-folding it first")
+        proto = fold_onnx_constants(_with_static_inputs(proto, shapes))
+    mod = tvm_from_onnx(proto, shape_dict=shapes, keep_params_in_input=True)
+    return _detach(mod, len(shapes), list(shapes.values()), "onnx")
+
+
+def _with_static_inputs(proto, shapes):
+    """A copy of ``proto`` whose graph inputs carry the given static shapes."""
+    import onnx
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    for inp in proto.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[inp.name], strict=True):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+    return proto
+
+
+def import_model(model, example_input=None, via: str = "torch.export") -> ImportedModel:
+    """Import a torch module (``via`` ``"torch.export"`` or ``"onnx"``) or an ONNX model.
+
+    An ONNX path/bytes/ModelProto always goes through the ONNX frontend; its input shape is
+    taken from ``example_input`` when given, else from the graph.
+    """
+    if via not in VIA:
+        raise ValueError(f"via={via!r}; allowed: {VIA}")
+    try:
+        import torch
+
+        is_torch = isinstance(model, torch.nn.Module)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        is_torch = False
+    if is_torch:
+        if example_input is None:
+            raise ValueError("a torch model needs example_input (a tensor of the input shape)")
+        if via == "torch.export":
+            return from_torch(model, example_input)
+        proto = export_onnx(model, example_input)
+        return from_onnx(proto)
+    proto = _load_onnx(model)
+    shapes = None
+    if example_input is not None:
+        xs = _as_tuple(example_input)
+        initializers = {i.name for i in proto.graph.initializer}
+        names = [i.name for i in proto.graph.input if i.name not in initializers]
+        shapes = {n: tuple(x.shape) for n, x in zip(names, xs, strict=True)}
+    return from_onnx(proto, shapes)
+
+
+def default_llvm_target() -> dict:
+    """The llvm target of this machine as a dict (TVM 0.27 rejects option strings)."""
+    return {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+
+
+class Runner:
+    """A built FP32 module: ``runner(x) -> numpy`` (first output of ``main``)."""
+
+    def __init__(self, executable, device=None) -> None:
+        import tvm
+        from tvm import relax
+
+        self.executable = executable
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        out = self.vm["main"](*args)
+        while not hasattr(out, "numpy"):  # frontends return a tuple of outputs
+            out = out[0]
+        return out.numpy()
+
+
+def build_fp32(imported: ImportedModel, target: str | dict | None = None) -> Runner:
+    """Build the FP32 module with TVM's default Relax pipeline and return a :class:`Runner`."""
+    import tvm
+
+    target = target or default_llvm_target()
+    ex = tvm.compile(imported.bound(), target=tvm.target.Target(target))
+    return Runner(ex)
