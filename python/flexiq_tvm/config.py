@@ -1,0 +1,88 @@
+"""``FlexiQConfig``: every choice of the quantization flow, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+SELECTIONS = ("static", "greedy", "evolutionary", "random")
+EXTRACTIONS = ("effective", "naive")
+
+Selection = Literal["static", "greedy", "evolutionary", "random"]
+Extraction = Literal["effective", "naive"]
+
+
+@dataclass(frozen=True)
+class FlexiQConfig:
+    """Configuration of FlexiQ quantization.
+
+    Parameters
+    ----------
+    ratios
+        Low-bit ratios to prepare, as fractions of the eligible layers' MACs run in 4-bit
+        (ascending, each in [0, 1]).  Their channel sets are nested.
+    selection
+        ``static`` (range order, same ratio in every layer), ``greedy`` (error-proxy order,
+        ratio allocated across layers by measured sensitivity per MAC), ``evolutionary``
+        (the paper's Algorithm 1, seeded from greedy) or ``random`` (a baseline).
+    extraction
+        ``effective`` (skip unused leading bits; shift by minimum MSE) or ``naive`` (top 4 bits).
+    keep_first_8bit, keep_last_8bit
+        Keep the first / last covered layer (stem conv, classifier) at 8 bits.
+    depthwise_low
+        Whether depthwise convolutions may run channels in 4-bit.
+    calib_images
+        Calibration images used (the first N of the calibration data).
+    search_images
+        Calibration images on which selection measures output distance (subset of the above).
+    seed
+        Seed of every random choice (random selection, evolutionary search).
+    population, generations
+        Evolutionary search size per ratio.
+    """
+
+    ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    selection: Selection = "evolutionary"
+    extraction: Extraction = "effective"
+    keep_first_8bit: bool = True
+    keep_last_8bit: bool = True
+    depthwise_low: bool = True
+    calib_images: int = 256
+    search_images: int = 64
+    seed: int = 0
+    population: int = 12
+    generations: int = 16
+
+    def __post_init__(self) -> None:
+        ratios = tuple(float(r) for r in self.ratios)
+        object.__setattr__(self, "ratios", ratios)
+        if not ratios:
+            raise ValueError("ratios must not be empty; e.g. (0, 0.25, 0.5, 0.75, 1)")
+        if any(not 0.0 <= r <= 1.0 for r in ratios):
+            raise ValueError(f"ratios={ratios}: each must be in [0, 1]")
+        if list(ratios) != sorted(set(ratios)):
+            raise ValueError(f"ratios={ratios}: must be strictly ascending")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r}; allowed: {SELECTIONS}")
+        if self.extraction not in EXTRACTIONS:
+            raise ValueError(f"extraction={self.extraction!r}; allowed: {EXTRACTIONS}")
+        for name in ("calib_images", "search_images", "population", "generations"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}; must be positive")
+        if self.population < 4:
+            raise ValueError(f"population={self.population}; must be at least 4")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``"0,0.25,0.5"`` -> ``(0.0, 0.25, 0.5)`` with a clear error for bad items."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise ValueError(f"ratio {item!r} is not a number (expected e.g. 0,0.25,0.5)") from None
+    return tuple(out)

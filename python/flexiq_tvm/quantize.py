@@ -1,0 +1,174 @@
+"""``quantize(model, calib_data, config) -> QuantPlan``: calibrate, extract, select.
+
+Which layers are covered: every ``nn.Conv2d`` (regular, 1x1, depthwise, grouped) and
+``nn.Linear`` (attention q/k/v/output projections, MLPs, patch merging) that the model calls
+during calibration.  Eligible for 4-bit are all of them except, by default, the first and the
+last covered layer (stem and classifier) and, if ``depthwise_low=False``, depthwise convs.
+Activation x activation matmuls of attention (``q @ k^T``, ``attn @ v``) are not modules: they
+stay in floating point in this version (the compiler reports them as kept in FP32).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from . import bitops
+from . import reference as ref
+from .calibrate import LayerStats, calibrate
+from .config import FlexiQConfig
+from .plan import LayerPlan, QuantPlan, ratio_key
+
+log = logging.getLogger(__name__)
+
+
+def _geometry(module) -> dict:
+    from torch import nn
+
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(f"conv padding {module.padding!r}/{module.padding_mode} unsupported")
+        return {"kind": "conv2d", "stride": tuple(module.stride),
+                "padding": tuple(module.padding), "dilation": tuple(module.dilation),
+                "groups": int(module.groups)}
+    return {"kind": "linear"}
+
+
+def _layer_plans(stats: dict[str, LayerStats], cfg: FlexiQConfig) -> list[LayerPlan]:
+    names = list(stats)
+    plans = []
+    for idx, (name, st) in enumerate(stats.items()):
+        m = st.module
+        w = m.weight.detach().float().numpy()
+        w_scale = ref.weight_scales(w)
+        w_codes = ref.quantize_weight(w, w_scale)
+        geo = _geometry(m)
+        a_err = bitops.act_shift_errors(st.hist, st.act_signed)
+        act_shift = bitops.choose_shifts(a_err, cfg.extraction)
+        w_err = _weight_errors_per_input_channel(w_codes, geo)
+        w_shift = bitops.choose_shifts(w_err, cfg.extraction)
+        eligible, reason = True, ""
+        if cfg.keep_first_8bit and idx == 0:
+            eligible, reason = False, "first layer kept 8-bit"
+        elif cfg.keep_last_8bit and idx == len(names) - 1:
+            eligible, reason = False, "last layer kept 8-bit"
+        lp = LayerPlan(
+            name=name, weight_shape=tuple(w.shape), w_codes=w_codes, w_scale=w_scale,
+            bias=None if m.bias is None else m.bias.detach().float().numpy().copy(),
+            act_scale=float(st.act_scale), act_inv_scale=float(st.act_inv_scale),
+            act_signed=bool(st.act_signed), act_shift=act_shift, w_shift=w_shift,
+            order=np.arange(len(act_shift), dtype=np.int32), n_low={},
+            eligible=eligible, reason=reason, macs_per_channel=st.macs_per_channel, **geo,
+        )
+        if lp.depthwise and not cfg.depthwise_low and eligible:
+            lp.eligible, lp.reason = False, "depthwise kept 8-bit (depthwise_low=False)"
+        plans.append(lp)
+    return plans
+
+
+def _group_columns(w_codes: np.ndarray, geo: dict) -> np.ndarray:
+    """Weights as ``(O_g, C, ...)``: input channel ``c``'s column is its group's weights."""
+    if geo.get("groups", 1) == 1:
+        return w_codes
+    g = geo["groups"]
+    o, cg = w_codes.shape[:2]
+    og = o // g
+    # channel c = group*cg + j uses rows [group*og, (group+1)*og) of column j
+    w = w_codes.reshape(g, og, cg, *w_codes.shape[2:])
+    return np.moveaxis(w, 0, 1).reshape(og, g * cg, *w_codes.shape[2:])
+
+
+def _weight_errors_per_input_channel(w_codes, geo) -> np.ndarray:
+    return bitops.weight_shift_errors(_group_columns(w_codes, geo))
+
+
+def _proxy_and_range(lp: LayerPlan, st: LayerStats) -> tuple[np.ndarray, np.ndarray]:
+    geo = {"groups": lp.groups}
+    wc = _group_columns(lp.w_codes, geo)
+    if lp.groups > 1:
+        og = lp.weight_shape[0] // lp.groups
+        # scales follow the rows of each channel's group
+        ws = lp.w_scale.reshape(lp.groups, og)
+        # per-channel column energies with that group's row scales
+        c = lp.in_channels
+        cg = c // lp.groups
+        proxy = np.empty(c)
+        for g in range(lp.groups):
+            sl = slice(g * cg, (g + 1) * cg)
+            proxy[sl] = bitops.error_proxy(
+                st.hist[sl], lp.act_signed, lp.act_scale, lp.act_shift[sl],
+                lp.w_codes[g * og : (g + 1) * og], ws[g], lp.w_shift[sl])
+        return proxy, bitops.range_score(st.hist, lp.act_signed, wc)
+    proxy = bitops.error_proxy(st.hist, lp.act_signed, lp.act_scale, lp.act_shift,
+                               lp.w_codes, lp.w_scale, lp.w_shift)
+    return proxy, bitops.range_score(st.hist, lp.act_signed, wc)
+
+
+def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
+             model_name: str = "model", progress: bool = True) -> QuantPlan:
+    """Calibrate ``model`` on ``calib_data`` and select nested channel sets -> QuantPlan.
+
+    Parameters
+    ----------
+    model
+        FP32 ``torch.nn.Module`` (eval mode is set).
+    calib_data
+        float32 numpy batch (N, ...) of preprocessed inputs; the first ``config.calib_images``
+        are used, the first ``config.search_images`` of them also drive the channel search.
+    config
+        :class:`FlexiQConfig`; default ``FlexiQConfig()``.
+    """
+    import torch
+
+    from .fakequant import FakeQuantModel
+    from .select import LayerInfo, Selector
+
+    cfg = config or FlexiQConfig()
+    t0 = time.time()
+    calib = np.asarray(calib_data, np.float32)[: cfg.calib_images]
+    stats = calibrate(model, calib, progress=progress)
+    if not stats:
+        raise ValueError("the model has no Conv2d/Linear layer to quantize")
+    layers = _layer_plans(stats, cfg)
+    t_calib = time.time() - t0
+    infos = []
+    for lp in layers:
+        proxy, rng_score = _proxy_and_range(lp, stats[lp.name])
+        infos.append(LayerInfo(lp.name, lp.in_channels, lp.macs_per_channel, lp.eligible,
+                               proxy, rng_score))
+    # the search measures distances with an INT8 plan (all n_low = 0)
+    for lp in layers:
+        lp.n_low = {ratio_key(r): 0 for r in cfg.ratios}
+    plan = QuantPlan(model_name, cfg.ratios, cfg.to_dict(), layers)
+    fq = FakeQuantModel(model, plan)
+    x_search = torch.from_numpy(calib[: cfg.search_images])
+    with torch.no_grad():
+        ref_logits = fq(x_search).float()
+
+    def distance(sets: dict[str, np.ndarray]) -> float:
+        fq.set_masks(sets)
+        with torch.no_grad():
+            return float(((fq(x_search).float() - ref_logits) ** 2).mean())
+
+    selector = Selector(infos, distance, cfg)
+    chosen = selector.run()
+    for lp in layers:
+        order, counts = chosen[lp.name]
+        lp.order = order
+        lp.n_low = {ratio_key(r): int(n) for r, n in counts.items()}
+    plan.check_nested()
+    plan.metrics = {
+        "calibration_seconds": round(t_calib, 2),
+        "selection_seconds": round(selector.seconds, 2),
+        "selection_evaluations": selector.evaluations,
+        "mac_fraction": {ratio_key(r): plan.mac_fraction(r) for r in cfg.ratios},
+        "mac_fraction_all_covered": {ratio_key(r): plan.mac_fraction(r, False)
+                                     for r in cfg.ratios},
+        "channel_fraction": {ratio_key(r): plan.channel_fraction(r) for r in cfg.ratios},
+    }
+    log.info("quantize %s: %d layers (%d eligible), calibration %.1f s, selection %.1f s",
+             model_name, len(layers), sum(lp.eligible for lp in layers), t_calib,
+             selector.seconds)
+    return plan

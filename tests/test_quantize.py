@@ -1,0 +1,152 @@
+"""Calibration, plans, fake-quant == oracle per layer kind, nesting, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flexiq_tvm import reference as ref
+from flexiq_tvm.config import FlexiQConfig, parse_ratios
+from flexiq_tvm.fakequant import FakeQuantModel
+from flexiq_tvm.plan import QuantPlan
+from flexiq_tvm.quantize import quantize
+
+
+class TinyNet(nn.Module):
+    """Every covered layer kind: 3x3 conv, depthwise, grouped, strided 1x1, token linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, 1, 1)
+        self.dw = nn.Conv2d(12, 12, 3, 2, 1, groups=12, bias=False)
+        self.grouped = nn.Conv2d(12, 18, 3, 1, 2, dilation=2, groups=3)
+        self.pw = nn.Conv2d(18, 20, 1, 2)
+        self.norm = nn.LayerNorm(20)
+        self.fc1 = nn.Linear(20, 37)
+        self.fc2 = nn.Linear(37, 20)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.nn.functional.relu6(self.dw(x))
+        x = self.grouped(x)  # signed input of pw
+        x = self.pw(x).flatten(2).transpose(1, 2)  # (B, tokens, 20)
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    calib = np.random.default_rng(0).standard_normal((48, 3, 12, 12)).astype(np.float32)
+    return model, calib
+
+
+@pytest.mark.parametrize("selection", ["static", "random", "greedy", "evolutionary"])
+def test_fakequant_equals_oracle_on_integer_tensors(tiny, selection):
+    model, calib = tiny
+    cfg = FlexiQConfig(selection=selection, calib_images=48, search_images=16,
+                       population=4, generations=2)
+    plan = quantize(model, calib, cfg, "tiny", progress=False)
+    assert [lp.name for lp in plan.layers] == ["stem", "dw", "grouped", "pw", "fc1", "fc2",
+                                               "head"]
+    assert {lp.kind for lp in plan.layers} == {"conv2d", "linear"}
+    assert plan.layer("dw").depthwise and plan.layer("grouped").groups == 3
+    assert not plan.layer("stem").eligible and not plan.layer("head").eligible
+    fq = FakeQuantModel(model, plan, dtype=torch.float64)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(
+        np.float32))
+    for r in plan.ratios:
+        fq.set_ratio(r)
+        inputs = {}
+        hooks = [fq.layers[n].register_forward_hook(
+            lambda m, i, o, n=n: inputs.__setitem__(n, i[0].detach())) for n in fq.layers]
+        with torch.no_grad():
+            fq(x)
+        for h in hooks:
+            h.remove()
+        for lp in plan.layers:
+            xin = inputs[lp.name]
+            acc, y = ref.layer_forward(xin.numpy(), lp, lp.low_mask(r))
+            with torch.no_grad():
+                got_acc = fq.layers[lp.name].accumulate(xin).numpy()
+                got_y = fq.layers[lp.name](xin).numpy()
+            np.testing.assert_array_equal(got_acc, acc.astype(np.float64), err_msg=lp.name)
+            np.testing.assert_allclose(got_y, y, rtol=1e-6, atol=1e-6, err_msg=lp.name)
+
+
+def test_plan_nesting_mac_ratio_and_roundtrip(tiny, tmp_path):
+    model, calib = tiny
+    plan = quantize(model, calib, FlexiQConfig(selection="greedy", search_images=16), "tiny",
+                    progress=False)
+    plan.check_nested()
+    prev = None
+    for r in plan.ratios:
+        masks = {lp.name: lp.low_mask(r) for lp in plan.layers}
+        if prev is not None:
+            assert all((prev[n] <= masks[n]).all() for n in masks)  # nested
+        prev = masks
+        # ratio counts eligible MACs: reached, overshooting by less than one channel's MACs
+        f = plan.mac_fraction(r)
+        assert f >= r - 1e-9
+        max_chan = max(lp.macs_per_channel for lp in plan.layers if lp.eligible)
+        total = sum(lp.in_channels * lp.macs_per_channel for lp in plan.layers if lp.eligible)
+        assert f - r <= max_chan / total + 1e-9
+    assert plan.mac_fraction(1.0) == 1.0 and plan.channel_fraction(1.0) == 1.0
+    assert plan.mac_fraction(0.0) == 0.0
+    path = plan.save(tmp_path / "p.npz")
+    back = QuantPlan.load(path)
+    for a, b in zip(plan.layers, back.layers):
+        assert a.name == b.name and a.n_low == b.n_low and a.act_scale == b.act_scale
+        np.testing.assert_array_equal(a.w_codes, b.w_codes)
+        np.testing.assert_array_equal(a.order, b.order)
+    assert back.metrics == plan.metrics
+    with pytest.raises(ValueError, match="ratio 0.3 is not in the plan"):
+        back.check_ratio(0.3)
+
+
+def test_selection_is_deterministic_under_seed(tiny):
+    model, calib = tiny
+    cfg = dict(selection="evolutionary", search_images=16, population=4, generations=3)
+    a = quantize(model, calib, FlexiQConfig(**cfg, seed=1), progress=False)
+    b = quantize(model, calib, FlexiQConfig(**cfg, seed=1), progress=False)
+    for la, lb in zip(a.layers, b.layers):
+        assert la.n_low == lb.n_low
+        np.testing.assert_array_equal(la.order, lb.order)
+    c = quantize(model, calib, FlexiQConfig(selection="random", seed=2), progress=False)
+    d = quantize(model, calib, FlexiQConfig(selection="random", seed=3), progress=False)
+    assert any((lc.order != ld.order).any() for lc, ld in zip(c.layers, d.layers))
+
+
+def test_options_keep_layers_8bit(tiny):
+    model, calib = tiny
+    plan = quantize(model, calib, FlexiQConfig(selection="static", keep_first_8bit=False,
+                                               keep_last_8bit=False, depthwise_low=False),
+                    progress=False)
+    assert plan.layer("stem").eligible and plan.layer("head").eligible
+    dw = plan.layer("dw")
+    assert not dw.eligible and "depthwise" in dw.reason and dw.n_low["1"] == 0
+
+
+def test_naive_extraction_uses_shift_four(tiny):
+    model, calib = tiny
+    plan = quantize(model, calib, FlexiQConfig(selection="static", extraction="naive"),
+                    progress=False)
+    assert all((lp.act_shift == 4).all() and (lp.w_shift == 4).all() for lp in plan.layers)
+    eff = quantize(model, calib, FlexiQConfig(selection="static"), progress=False)
+    assert any((lp.act_shift < 4).any() for lp in eff.layers)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="strictly ascending"):
+        FlexiQConfig(ratios=(0.5, 0.25))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        FlexiQConfig(ratios=(0, 1.5))
+    with pytest.raises(ValueError, match="selection='best'"):
+        FlexiQConfig(selection="best")
+    with pytest.raises(ValueError, match="calib_images=0"):
+        FlexiQConfig(calib_images=0)
+    assert parse_ratios("0, .5,1") == (0.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="ratio 'x' is not a number"):
+        parse_ratios("0,x")
