@@ -3,10 +3,16 @@
 from setuptools import find_packages, setup
 
 lib_packages = find_packages("python")
-schedule_packages = ["flexiq_tvm.schedules" + p[len("schedules"):]
-                     for p in ["schedules"] + ["schedules." + q for q in find_packages("schedules")]]
-target_packages = ["flexiq_tvm.target" + p[len("target"):]
-                   for p in ["target"] + ["target." + q for q in find_packages("target")]]
+
+
+def _mapped(folder: str) -> list[str]:
+    """``folder`` and its subpackages, named inside flexiq_tvm."""
+    subs = [folder] + [f"{folder}.{q}" for q in find_packages(folder)]
+    return [f"flexiq_tvm.{p}" for p in subs]
+
+
+schedule_packages = _mapped("schedules")
+target_packages = _mapped("target")
 
 package_dir = {"flexiq_tvm": "python/flexiq_tvm"}
 for pkg in schedule_packages + target_packages:

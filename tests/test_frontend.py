@@ -90,7 +90,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         frontend.import_model(42)
     with pytest.raises(ValueError, match="needs example_input"):
         frontend.import_model(registry.get_model("resnet20_fmnist"))
-    with pytest.raises(ValueError, match="via='tflite'"):
+    with pytest.raises(ValueError, match=r"via='tflite'"):
         frontend.import_model(registry.get_model("resnet20_fmnist"), via="tflite")
-    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor or numpy"):
         frontend.from_torch(registry.get_model("resnet20_fmnist"), [[1.0]])

@@ -102,7 +102,7 @@ def test_plan_nesting_mac_ratio_and_roundtrip(tiny, tmp_path):
         np.testing.assert_array_equal(a.w_codes, b.w_codes)
         np.testing.assert_array_equal(a.order, b.order)
     assert back.metrics == plan.metrics
-    with pytest.raises(ValueError, match="ratio 0.3 is not in the plan"):
+    with pytest.raises(ValueError, match=r"ratio 0\.3 is not in the plan"):
         back.check_ratio(0.3)
 
 

@@ -71,7 +71,7 @@ def test_mixed_matmul_rejects_bad_shapes():
 
 
 def _naive_conv(qa, qw, stride, pad, groups):
-    n, c, h, w = qa.shape
+    n, _, h, w = qa.shape
     o, cg, kh, kw = qw.shape
     qp = np.pad(qa.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho = (h + 2 * pad - kh) // stride + 1

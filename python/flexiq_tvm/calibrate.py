@@ -34,8 +34,8 @@ class LayerStats:
     hi: float = -np.inf
     chan_absmax: np.ndarray | None = None
     hist: np.ndarray | None = None  # (C, n_codes) int64
-    act_scale: np.float32 = np.float32(1.0)
-    act_inv_scale: np.float32 = np.float32(1.0)
+    act_scale: float = 1.0
+    act_inv_scale: float = 1.0
     act_signed: bool = False
     calls: int = 0
     macs_per_channel: int = 0

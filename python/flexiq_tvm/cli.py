@@ -36,16 +36,33 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval import evaluate_fp32
+    from .config import parse_ratios
+    from .eval import evaluate_fp32, evaluate_quantized
 
-    doc = evaluate_fp32(args.model, limit=args.limit, tvm_limit=args.tvm_limit,
-                        vias=tuple(args.via or ("torch.export",)))
+    if args.ratios is None:
+        doc = evaluate_fp32(args.model, limit=args.limit,
+                            tvm_limit=500 if args.tvm_limit is None else args.tvm_limit,
+                            vias=tuple(args.via or ("torch.export",)))
+    else:
+        overrides = {k: v for k, v in (("seed", args.seed),
+                                       ("calib_images", args.calib_images),
+                                       ("search_images", args.search_images),
+                                       ("generations", args.generations)) if v is not None}
+        doc = evaluate_quantized(args.model, parse_ratios(args.ratios),
+                                 tuple(s.strip() for s in args.selection.split(",")),
+                                 limit=args.limit, config_overrides=overrides,
+                                 plan_dir=args.save_plans)
     print(f"{doc['model']} on {doc['dataset']} ({doc['n_images']} images, "
           f"{doc['n_labelled']} labelled): FP32 top-1 {_fmt(doc['fp32']['top1'])}")
+    print(f"  {'method':<22} {'ratio':>5} {'top-1':>8} {'agree':>8} {'KL':>8} "
+          f"{'MACs':>6} {'chans':>6}")
     for r in doc["results"]:
-        print(f"  {r['method']:<12} ratio={r['ratio']} top-1 {_fmt(r['top1'])} "
-              f"agreement {_fmt(r['agreement'])} on {r['n_images']} images "
-              f"(max |logit diff| {r['max_abs_logit_diff']:.2e})")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}"
+        mac = f"{r['mac_fraction']:.3f}" if "mac_fraction" in r else "-"
+        ch = f"{r['channel_fraction']:.3f}" if "channel_fraction" in r else "-"
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
+        print(f"  {r['method']:<22} {ratio:>5} {_fmt(r['top1']):>8} "
+              f"{_fmt(r['agreement']):>8} {kl:>8} {mac:>6} {ch:>6}")
     _write_json(doc, args.json)
     return 0
 
@@ -73,14 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="accuracy of a zoo model (torch FP32 and its TVM build)",
-                       description="Evaluate a zoo model: FP32 top-1 in torch on the test data "
-                       "and the TVM build's agreement with torch. Prints and writes JSON.")
+    e = sub.add_parser("eval", help="accuracy of a zoo model: FP32, TVM build, FlexiQ ratios",
+                       description="Evaluate a zoo model. Without --ratios: FP32 top-1 in "
+                       "torch on the test data and the TVM build's agreement with torch. With "
+                       "--ratios: FlexiQ (fake-quant, integer-exact) accuracy per ratio and "
+                       "selection, plus the baselines, in one run. Prints and writes JSON.")
     e.add_argument("--model", required=True, choices=_models())
     e.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    e.add_argument("--tvm-limit", type=int, default=500,
-                   help="images run through TVM (default 500; 0 skips TVM)")
+    e.add_argument("--tvm-limit", type=int, default=None,
+                   help="FP32 mode: images run through TVM (default 500; 0 skips TVM)")
+    e.add_argument("--ratios", default=None, metavar="R,R,...",
+                   help="evaluate FlexiQ at these low-bit ratios (e.g. 0,0.25,0.5,0.75,1) "
+                   "with the baselines FP32, uniform-w4a4, naive-truncation and random")
+    e.add_argument("--selection", default="static,greedy,evolutionary",
+                   help="FlexiQ channel selections to run (comma list; default all three)")
+    e.add_argument("--seed", type=int, default=None, help="selection seed (default 0)")
+    e.add_argument("--calib-images", type=int, default=None, help="default 256")
+    e.add_argument("--search-images", type=int, default=None, help="default 64")
+    e.add_argument("--generations", type=int, default=None,
+                   help="evolutionary generations per ratio (default 16)")
+    e.add_argument("--save-plans", metavar="DIR", default=None,
+                   help="write each selection's QuantPlan (.npz) here")
     e.add_argument("--via", choices=("torch.export", "onnx"), action="append",
                    help="frontend of the TVM build (repeatable; default torch.export)")
     e.set_defaults(func=cmd_eval)

@@ -109,3 +109,97 @@ def evaluate_fp32(
             "seconds": round(time.time() - t0, 2),
         })
     return doc
+
+
+# ------------------------------------------------------------------------- quantized
+
+
+FLEXIQ_SELECTIONS = ("static", "greedy", "evolutionary")
+
+
+def load_calibration(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """Calibration images of zoo model ``name`` (never evaluation images), seeded order.
+
+    FMNIST: ``n`` images of the training split.  ImageNet: 4 views (center crop and flip at
+    two scales) of every calibration photo, shuffled, at most ``n``.
+    """
+    s = registry.spec(name)
+    if s.dataset == "fmnist":
+        return data.fmnist_calibration(n, seed=seed)
+    x, _ = data.load_natural("calibration", views=True)
+    return x[np.random.default_rng(seed).permutation(len(x))[:n]]
+
+
+def _row(method: str, ratio, logits: np.ndarray, y: np.ndarray, fp32: np.ndarray,
+         plan=None, extra: dict | None = None) -> dict:
+    from .baselines import kl_divergence
+
+    row = {
+        "method": method,
+        "ratio": ratio,
+        "top1": top1(logits, y),
+        "agreement": float((logits.argmax(1) == fp32.argmax(1)).mean()),
+        "kl": kl_divergence(fp32, logits),
+    }
+    if plan is not None and ratio is not None:
+        row["mac_fraction"] = plan.mac_fraction(ratio)
+        row["channel_fraction"] = plan.channel_fraction(ratio)
+    row.update(extra or {})
+    return row
+
+
+def evaluate_quantized(
+    name: str, ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    selections: tuple[str, ...] = FLEXIQ_SELECTIONS, limit: int | None = None,
+    config_overrides: dict | None = None, plan_dir: str | None = None, progress: bool = True,
+) -> dict:
+    """Accuracy per ratio of FlexiQ (each selection) and the baselines, in one run.
+
+    Baselines: FP32, ``uniform-w4a4``, ``naive-truncation`` (top 4 bits, static order) and
+    ``random`` channel selection (effective extraction).  Plans of the FlexiQ selections are
+    saved to ``plan_dir`` when given.
+    """
+    from pathlib import Path
+
+    from .baselines import uniform_model
+    from .config import FlexiQConfig
+    from .fakequant import FakeQuantModel, predict
+    from .quantize import quantize
+
+    for s in selections:
+        if s not in FLEXIQ_SELECTIONS:
+            raise ValueError(f"selection {s!r}; allowed: {FLEXIQ_SELECTIONS}")
+    dataset, x, y = load_eval_data(name, limit)
+    model = registry.get_model(name)
+    fp32 = predict(model, x)
+    overrides = dict(config_overrides or {})
+    base = FlexiQConfig(ratios=ratios, **overrides)
+    calib = load_calibration(name, base.calib_images, base.seed)
+    doc = {
+        "model": name, "dataset": dataset, "n_images": len(x),
+        "n_labelled": int((y >= 0).sum()),
+        "fp32": {"top1": top1(fp32, y)},
+        "config": base.to_dict(),
+        "results": [],
+    }
+    runs = [(f"flexiq-{s}", {"selection": s}) for s in selections]
+    runs += [("random", {"selection": "random"}),
+             ("naive-truncation", {"selection": "static", "extraction": "naive"})]
+    w4a4_plan = None
+    for method, opts in runs:
+        cfg = FlexiQConfig(ratios=ratios, **{**overrides, **opts})
+        t0 = time.time()
+        plan = quantize(model, calib, cfg, name, progress=progress)
+        if plan_dir is not None:
+            Path(plan_dir).mkdir(parents=True, exist_ok=True)
+            plan.save(Path(plan_dir) / f"{name}.{method}.npz")
+        fq = FakeQuantModel(model, plan)
+        for r in ratios:
+            fq.set_ratio(r)
+            doc["results"].append(_row(method, r, predict(fq, x), y, fp32, plan, {
+                "selection_seconds": plan.metrics["selection_seconds"]}))
+        log.info("%s %s done in %.0f s", name, method, time.time() - t0)
+        w4a4_plan = w4a4_plan or plan
+    doc["results"].append(_row("uniform-w4a4", None, predict(uniform_model(model, w4a4_plan), x),
+                               y, fp32))
+    return doc

@@ -199,7 +199,7 @@ def mixed_conv2d(
     """
     qa = np.asarray(qa, dtype=np.int32)
     qw = np.asarray(qw, dtype=np.int32)
-    n, c, _, _ = qa.shape
+    _, c, _, _ = qa.shape
     o, cg, kh, kw = qw.shape
     if c % groups or o % groups or c // groups != cg:
         raise ValueError(f"conv shapes: input C={c}, weight {qw.shape}, groups={groups}")
@@ -256,7 +256,7 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     if not real > 0:
         raise ValueError(f"multiplier must be positive, got {real}")
     mant, exp = np.frexp(real)  # real = mant * 2**exp, mant in [0.5, 1)
-    m0 = int(round(float(mant) * 2**31))
+    m0 = round(float(mant) * 2**31)
     if m0 == 2**31:
         m0, exp = 2**30, exp + 1
     return m0, -int(exp)

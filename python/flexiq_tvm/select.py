@@ -120,7 +120,7 @@ class Selector:
                 key = self._random_keys[i.name] if random else i.range_score
                 order = np.lexsort((np.arange(i.channels), key))
                 m = np.zeros(i.channels, bool)
-                m[order[: int(round(r * i.channels))]] = True
+                m[order[: round(r * i.channels)]] = True
                 sets[i.name] = m
             chains[r] = sets
         return chains
@@ -134,7 +134,7 @@ class Selector:
             pts = [base]
             for k in range(1, SENSITIVITY_STEPS + 1):
                 sets = self._empty()
-                sets[i.name][order[: int(round(k / SENSITIVITY_STEPS * i.channels))]] = True
+                sets[i.name][order[: round(k / SENSITIVITY_STEPS * i.channels)]] = True
                 pts.append(self._measure(sets))
             curves[i.name] = np.maximum.accumulate(np.asarray(pts))  # lowering never helps
         return curves

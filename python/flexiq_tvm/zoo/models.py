@@ -203,7 +203,9 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -300,7 +302,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, _, c = x.shape
         x = x.reshape(b, self.res, self.res, c)
         x0, x1 = x[:, 0::2, 0::2], x[:, 1::2, 0::2]
         x2, x3 = x[:, 0::2, 1::2], x[:, 1::2, 1::2]
