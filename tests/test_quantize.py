@@ -150,3 +150,58 @@ def test_config_validation():
     assert parse_ratios("0, .5,1") == (0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="ratio 'x' is not a number"):
         parse_ratios("0,x")
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow-style asymmetric 'same' padding applied in forward (as in EfficientNet)."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class PadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 4, 3, padding=1)
+        self.b = SamePadConv(4, 6, 2, stride=2)
+        self.c = nn.Conv2d(6, 6, 4, padding="same", bias=False)
+        self.d = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_padding_applied_inside_forward_is_captured():
+    torch.manual_seed(0)
+    model = PadNet().eval()
+    calib = np.random.default_rng(0).standard_normal((16, 2, 9, 9)).astype(np.float32)
+    plan = quantize(model, calib, FlexiQConfig(selection="static", keep_first_8bit=False),
+                    progress=False)
+    assert plan.layer("a").padding == (1, 1, 1, 1)
+    assert plan.layer("b").padding == (0, 1, 0, 1)
+    assert plan.layer("c").padding == (1, 2, 1, 2)  # torch 'same' pads the extra at the end
+    fq = FakeQuantModel(model, plan, dtype=torch.float64)
+    x = torch.from_numpy(calib[:4])
+    with torch.no_grad():
+        y_fp32 = model(x).numpy()
+        y_int8 = fq(x).numpy()
+    assert np.abs(y_int8 - y_fp32).max() < 0.05 * np.abs(y_fp32).max()
+    fq.set_ratio(1.0)
+    got = {}
+    hook = fq.layers["b"].register_forward_pre_hook(lambda m, i: got.update(x=i[0]))
+    with torch.no_grad():
+        fq(x)
+    hook.remove()
+    lp = plan.layer("b")
+    acc, _ = ref.layer_forward(got["x"].numpy(), lp, lp.low_mask(1.0))
+    with torch.no_grad():
+        np.testing.assert_array_equal(fq.layers["b"].accumulate(got["x"]).numpy(), acc)
+
+
+def test_unsupported_conv_is_kept_fp32_and_reported():
+    model = PadNet().eval()
+    model.c.padding_mode = "reflect"
+    calib = np.random.default_rng(0).standard_normal((8, 2, 9, 9)).astype(np.float32)
+    plan = quantize(model, calib, FlexiQConfig(selection="static"), progress=False)
+    assert [lp.name for lp in plan.layers] == ["a", "b", "d"]
+    assert plan.metrics["kept_fp32"] == {"c": "padding_mode='reflect'"}

@@ -43,7 +43,9 @@ class UniformQuantLayer(nn.Module):
         xq = (x / self.a_scale).round().clamp(self.a_lo, self.a_hi) * self.a_scale
         m, lp = self.module, self.lp
         if lp.kind == "conv2d":
-            return F.conv2d(xq, self.w_q, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            top, bottom, left, right = lp.padding
+            xq = F.pad(xq, (left, right, top, bottom))
+            return F.conv2d(xq, self.w_q, m.bias, m.stride, 0, m.dilation, m.groups)
         return F.linear(xq, self.w_q, m.bias)
 
 

@@ -38,6 +38,7 @@ class LayerStats:
     act_inv_scale: float = 1.0
     act_signed: bool = False
     calls: int = 0
+    input_shape: tuple[int, ...] = ()
     macs_per_channel: int = 0
 
 
@@ -94,6 +95,7 @@ def calibrate(model, calib_data: np.ndarray, batch: int = 64, progress: bool = T
                 st = stats[name] = LayerStats(name, module, seen[0])
                 seen[0] += 1
                 st.macs_per_channel = _macs_per_channel(module, x, output)
+                st.input_shape = tuple(x.shape)
             st.calls += 1
             xc = _channels_first(module, x)
             st.lo = min(st.lo, float(xc.min()))

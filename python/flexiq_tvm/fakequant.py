@@ -87,8 +87,10 @@ class FakeQuantLayer(nn.Module):
         q = self.quantize_input(x)
         lp = self.lp
         if self.kind == "conv2d":
-            return F.conv2d(q, self.weight_now, None, lp.stride, lp.padding, lp.dilation,
-                            lp.groups)
+            top, bottom, left, right = lp.padding
+            if any(lp.padding):
+                q = F.pad(q, (left, right, top, bottom))
+            return F.conv2d(q, self.weight_now, None, lp.stride, 0, lp.dilation, lp.groups)
         return F.linear(q, self.weight_now)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class LayerPlan:
     macs_per_channel: int  # MACs per image contributed by one input channel
     reason: str = ""  # why not eligible
     stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
 

@@ -24,27 +24,96 @@ from .plan import LayerPlan, QuantPlan, ratio_key
 log = logging.getLogger(__name__)
 
 
-def _geometry(module) -> dict:
+class UnsupportedLayer(ValueError):
+    """A covered-looking layer FlexiQ cannot express (kept in FP32 and reported)."""
+
+
+def _same_padding(k: int, d: int) -> tuple[int, int]:
+    total = d * (k - 1)
+    return total // 2, total - total // 2
+
+
+def _effective_padding(module, input_shape) -> tuple[int, int, int, int]:
+    """Zero padding ``(top, bottom, left, right)`` the conv really applies to its input.
+
+    ``nn.Conv2d`` subclasses may pad in their own ``forward`` (TensorFlow-style "same"
+    padding, as in EfficientNet): the forward is probed once on a tensor of ones with
+    ``F.conv2d`` intercepted, and the zero border of what reaches it is measured.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    def explicit(pad, kernel, dilation):
+        if pad == "valid":
+            return (0, 0, 0, 0)
+        if pad == "same":
+            return (*_same_padding(kernel[0], dilation[0]), *_same_padding(kernel[1], dilation[1]))
+        ph, pw = (pad, pad) if isinstance(pad, int) else tuple(pad)
+        return (ph, ph, pw, pw)
+
+    if type(module).forward is nn.Conv2d.forward:
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayer(f"padding_mode={module.padding_mode!r}")
+        return explicit(module.padding, module.kernel_size, module.dilation)
+
+    calls = []
+
+    class Capture(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.conv2d:
+                calls.append((args, kwargs))
+            return func(*args, **kwargs)
+
+    x = torch.ones((1, *input_shape[1:]))
+    with torch.no_grad(), Capture():
+        module(x)
+    if len(calls) != 1:
+        raise UnsupportedLayer(f"forward calls conv2d {len(calls)} times")
+    args, kwargs = calls[0]
+    padded = args[0]
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, args)) | kwargs
+    if padded.shape[1] != input_shape[1]:
+        raise UnsupportedLayer("forward changes the channel count before conv2d")
+    nz = (padded[0, 0] != 0).numpy()
+    rows, cols = np.flatnonzero(nz.any(1)), np.flatnonzero(nz.any(0))
+    extra = (int(rows[0]), int(nz.shape[0] - 1 - rows[-1]), int(cols[0]),
+             int(nz.shape[1] - 1 - cols[-1]))
+    if (nz.shape[0] - extra[0] - extra[1], nz.shape[1] - extra[2] - extra[3]) != tuple(
+            input_shape[2:]) or not nz[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all():
+        raise UnsupportedLayer("forward transforms the input beyond zero padding")
+    inner = explicit(bound.get("padding", 0), module.kernel_size, module.dilation)
+    return tuple(a + b for a, b in zip(extra, inner))
+
+
+def _geometry(module, input_shape) -> dict:
     from torch import nn
 
     if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(f"conv padding {module.padding!r}/{module.padding_mode} unsupported")
         return {"kind": "conv2d", "stride": tuple(module.stride),
-                "padding": tuple(module.padding), "dilation": tuple(module.dilation),
-                "groups": int(module.groups)}
+                "padding": _effective_padding(module, input_shape),
+                "dilation": tuple(module.dilation), "groups": int(module.groups)}
     return {"kind": "linear"}
 
 
-def _layer_plans(stats: dict[str, LayerStats], cfg: FlexiQConfig) -> list[LayerPlan]:
+def _layer_plans(stats: dict[str, LayerStats], cfg: FlexiQConfig,
+                 skipped: dict[str, str]) -> list[LayerPlan]:
     names = list(stats)
     plans = []
     for idx, (name, st) in enumerate(stats.items()):
         m = st.module
+        try:
+            geo = _geometry(m, st.input_shape)
+        except UnsupportedLayer as e:
+            skipped[name] = str(e)
+            log.warning("layer %s kept in FP32: %s", name, e)
+            continue
         w = m.weight.detach().float().numpy()
         w_scale = ref.weight_scales(w)
         w_codes = ref.quantize_weight(w, w_scale)
-        geo = _geometry(m)
         a_err = bitops.act_shift_errors(st.hist, st.act_signed)
         act_shift = bitops.choose_shifts(a_err, cfg.extraction)
         w_err = _weight_errors_per_input_channel(w_codes, geo)
@@ -131,7 +200,10 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     stats = calibrate(model, calib, progress=progress)
     if not stats:
         raise ValueError("the model has no Conv2d/Linear layer to quantize")
-    layers = _layer_plans(stats, cfg)
+    skipped: dict[str, str] = {}
+    layers = _layer_plans(stats, cfg, skipped)
+    if not layers:
+        raise ValueError(f"no layer can be quantized: {skipped}")
     t_calib = time.time() - t0
     infos = []
     for lp in layers:
@@ -167,6 +239,7 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         "mac_fraction_all_covered": {ratio_key(r): plan.mac_fraction(r, False)
                                      for r in cfg.ratios},
         "channel_fraction": {ratio_key(r): plan.channel_fraction(r) for r in cfg.ratios},
+        "kept_fp32": skipped,
     }
     log.info("quantize %s: %d layers (%d eligible), calibration %.1f s, selection %.1f s",
              model_name, len(layers), sum(lp.eligible for lp in layers), t_calib,

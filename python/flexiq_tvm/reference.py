@@ -167,14 +167,18 @@ def _to_int32(acc: np.ndarray) -> np.ndarray:
 
 
 def _im2col(q: np.ndarray, kh: int, kw: int, stride, padding, dilation) -> np.ndarray:
-    """(N, C, H, W) -> (N, Ho, Wo, C, kh, kw) windows (zero padding = code 0)."""
-    n, c, h, w = q.shape
+    """(N, C, H, W) -> (N, Ho, Wo, C, kh, kw) windows (zero padding = code 0).
+
+    ``padding`` is ``(top, bottom, left, right)``.
+    """
+    n, c, _, _ = q.shape
     sh, sw_ = stride
-    ph, pw = padding
     dh, dw = dilation
-    qp = np.pad(q, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw_ + 1
+    top, bottom, left, right = padding
+    qp = np.pad(q, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    h, w = qp.shape[2:]
+    ho = (h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w - dw * (kw - 1) - 1) // sw_ + 1
     cols = np.empty((n, ho, wo, c, kh, kw), dtype=q.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -187,12 +191,26 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
 
 
+def pad4(padding) -> tuple[int, int, int, int]:
+    """Padding as ``(top, bottom, left, right)`` from an int, ``(ph, pw)`` or a 4-tuple."""
+    if np.isscalar(padding):
+        p = int(padding)
+        return (p, p, p, p)
+    if len(padding) == 2:
+        return (int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1]))
+    if len(padding) == 4:
+        return tuple(int(p) for p in padding)
+    raise ValueError(f"padding={padding!r}; expected an int, (ph, pw) or (top, bottom, left, right)")
+
+
 def mixed_conv2d(
     qa: np.ndarray, qw: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarray,
     act_signed: bool, stride=1, padding=0, dilation=1, groups: int = 1,
 ) -> np.ndarray:
     """Mixed-precision conv2d (NCHW / OIHW, grouped and depthwise included) in int32.
 
+    ``padding``: an int, ``(ph, pw)`` or ``(top, bottom, left, right)`` (zero padding, which is
+    code 0 since activations have zero-point 0).
     ``low``, ``sa``, ``sw`` are indexed by *input* channel ``c`` (length C); for grouped convs
     channel ``c`` belongs to group ``c // (C / groups)`` and is reduction channel
     ``c % (C / groups)`` of that group's weights.
@@ -206,7 +224,7 @@ def mixed_conv2d(
     low = _split_channels(low, c)
     sa = np.asarray(sa, np.int32)
     sw = np.asarray(sw, np.int32)
-    cols = _im2col(qa, kh, kw, _pair(stride), _pair(padding), _pair(dilation))
+    cols = _im2col(qa, kh, kw, _pair(stride), pad4(padding), _pair(dilation))
     og = o // groups
     outs = []
     for g in range(groups):
