@@ -1,1 +1,24 @@
-"""flexiq-tvm."""
+"""flexiq-tvm: FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.
+
+Public API (this version): :class:`FlexiQConfig`, :func:`quantize` (calibration and nested
+channel selection -> :class:`QuantPlan`), :class:`FakeQuantModel` (integer-exact torch
+emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the frontends
+:mod:`flexiq_tvm.frontend` and the model zoo :mod:`flexiq_tvm.zoo`.
+"""
+
+from .config import FlexiQConfig
+from .plan import LayerPlan, QuantPlan
+from .quantize import quantize
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # torch-dependent names load on first use
+    if name == "FakeQuantModel":
+        from .fakequant import FakeQuantModel
+
+        return FakeQuantModel
+    raise AttributeError(f"module 'flexiq_tvm' has no attribute {name!r}")
+
+
+__all__ = ["FakeQuantModel", "FlexiQConfig", "LayerPlan", "QuantPlan", "__version__", "quantize"]

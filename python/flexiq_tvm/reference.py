@@ -200,7 +200,7 @@ def pad4(padding) -> tuple[int, int, int, int]:
         return (int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1]))
     if len(padding) == 4:
         return tuple(int(p) for p in padding)
-    raise ValueError(f"padding={padding!r}; expected an int, (ph, pw) or (top, bottom, left, right)")
+    raise ValueError(f"padding={padding!r}; expected an int, (ph, pw) or (t, b, l, r)")
 
 
 def mixed_conv2d(
