@@ -52,7 +52,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_every_subcommand_has_help(capsys):
-    for sub in ("train", "eval", "demo"):
+    for sub in ("train", "eval", "quantize", "demo"):
         with pytest.raises(SystemExit) as e:
             cli.main([sub, "--help"])
         assert e.value.code == 0

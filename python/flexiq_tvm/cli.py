@@ -35,6 +35,47 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _search_overrides(args) -> dict:
+    names = ("seed", "calib_images", "search_images", "population", "generations",
+             "sensitivity_steps")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _add_search_args(p) -> None:
+    p.add_argument("--seed", type=int, default=None, help="selection seed (default 0)")
+    p.add_argument("--calib-images", type=int, default=None, help="default 256")
+    p.add_argument("--search-images", type=int, default=None, help="default 64")
+    p.add_argument("--population", type=int, default=None,
+                   help="evolutionary population (default 12)")
+    p.add_argument("--generations", type=int, default=None,
+                   help="evolutionary generations per ratio (default 16)")
+    p.add_argument("--sensitivity-steps", type=int, default=None,
+                   help="points per layer sensitivity curve (default 8)")
+
+
+def cmd_quantize(args) -> int:
+    from .config import FlexiQConfig, parse_ratios
+    from .eval import load_calibration
+    from .quantize import quantize
+    from .zoo import registry
+
+    cfg = FlexiQConfig(ratios=parse_ratios(args.ratios), selection=args.selection,
+                       extraction=args.extraction, **_search_overrides(args))
+    model = registry.get_model(args.model)
+    plan = quantize(model, load_calibration(args.model, cfg.calib_images, cfg.seed), cfg,
+                    args.model)
+    plan.save(args.out)
+    m = plan.metrics
+    print(f"{args.model}: {len(plan.layers)} layers ({sum(lp.eligible for lp in plan.layers)} "
+          f"eligible); calibration {m['calibration_seconds']:.1f} s, {args.selection} "
+          f"selection {m['selection_seconds']:.1f} s ({m['selection_evaluations']} evaluations)")
+    for r in plan.ratios:
+        print(f"  ratio {r:g}: MAC fraction {plan.mac_fraction(r):.3f}, channel fraction "
+              f"{plan.channel_fraction(r):.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .config import parse_ratios
     from .eval import evaluate_fp32, evaluate_quantized
@@ -44,10 +85,7 @@ def cmd_eval(args) -> int:
                             tvm_limit=500 if args.tvm_limit is None else args.tvm_limit,
                             vias=tuple(args.via or ("torch.export",)))
     else:
-        overrides = {k: v for k, v in (("seed", args.seed),
-                                       ("calib_images", args.calib_images),
-                                       ("search_images", args.search_images),
-                                       ("generations", args.generations)) if v is not None}
+        overrides = _search_overrides(args)
         doc = evaluate_quantized(args.model, parse_ratios(args.ratios),
                                  tuple(s.strip() for s in args.selection.split(",")),
                                  limit=args.limit, config_overrides=overrides,
@@ -105,16 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the baselines FP32, uniform-w4a4, naive-truncation and random")
     e.add_argument("--selection", default="static,greedy,evolutionary",
                    help="FlexiQ channel selections to run (comma list; default all three)")
-    e.add_argument("--seed", type=int, default=None, help="selection seed (default 0)")
-    e.add_argument("--calib-images", type=int, default=None, help="default 256")
-    e.add_argument("--search-images", type=int, default=None, help="default 64")
-    e.add_argument("--generations", type=int, default=None,
-                   help="evolutionary generations per ratio (default 16)")
+    _add_search_args(e)
     e.add_argument("--save-plans", metavar="DIR", default=None,
                    help="write each selection's QuantPlan (.npz) here")
     e.add_argument("--via", choices=("torch.export", "onnx"), action="append",
                    help="frontend of the TVM build (repeatable; default torch.export)")
     e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("quantize", help="calibrate a zoo model and select channels -> plan",
+                       description="Calibrate a zoo model, choose extraction shifts and nested "
+                       "4-bit channel sets, and write the QuantPlan (.npz) the compiler uses.")
+    q.add_argument("--model", required=True, choices=_models())
+    q.add_argument("--out", required=True, metavar="PATH", help="plan file to write (.npz)")
+    q.add_argument("--ratios", default="0,0.25,0.5,0.75,1", metavar="R,R,...")
+    q.add_argument("--selection", default="evolutionary",
+                   choices=("static", "greedy", "evolutionary", "random"))
+    q.add_argument("--extraction", default="effective", choices=("effective", "naive"))
+    _add_search_args(q)
+    q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "

@@ -39,6 +39,9 @@ class FlexiQConfig:
         Seed of every random choice (random selection, evolutionary search).
     population, generations
         Evolutionary search size per ratio.
+    sensitivity_steps
+        Points of each layer's measured sensitivity curve (greedy/evolutionary): the distance
+        with 1/steps, 2/steps, ... of its channels lowered.
     """
 
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -52,6 +55,7 @@ class FlexiQConfig:
     seed: int = 0
     population: int = 12
     generations: int = 16
+    sensitivity_steps: int = 8
 
     def __post_init__(self) -> None:
         ratios = tuple(float(r) for r in self.ratios)
@@ -66,7 +70,8 @@ class FlexiQConfig:
             raise ValueError(f"selection={self.selection!r}; allowed: {SELECTIONS}")
         if self.extraction not in EXTRACTIONS:
             raise ValueError(f"extraction={self.extraction!r}; allowed: {EXTRACTIONS}")
-        for name in ("calib_images", "search_images", "population", "generations"):
+        for name in ("calib_images", "search_images", "population", "generations",
+                     "sensitivity_steps"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}; must be positive")
         if self.population < 4:

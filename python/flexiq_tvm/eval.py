@@ -186,10 +186,11 @@ def evaluate_quantized(
     runs += [("random", {"selection": "random"}),
              ("naive-truncation", {"selection": "static", "extraction": "naive"})]
     w4a4_plan = None
+    cache: dict = {}  # sensitivity curves, shared by greedy and evolutionary
     for method, opts in runs:
         cfg = FlexiQConfig(ratios=ratios, **{**overrides, **opts})
         t0 = time.time()
-        plan = quantize(model, calib, cfg, name, progress=progress)
+        plan = quantize(model, calib, cfg, name, progress=progress, cache=cache)
         if plan_dir is not None:
             Path(plan_dir).mkdir(parents=True, exist_ok=True)
             plan.save(Path(plan_dir) / f"{name}.{method}.npz")

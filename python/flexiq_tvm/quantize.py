@@ -176,7 +176,8 @@ def _proxy_and_range(lp: LayerPlan, st: LayerStats) -> tuple[np.ndarray, np.ndar
 
 
 def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
-             model_name: str = "model", progress: bool = True) -> QuantPlan:
+             model_name: str = "model", progress: bool = True, cache: dict | None = None
+             ) -> QuantPlan:
     """Calibrate ``model`` on ``calib_data`` and select nested channel sets -> QuantPlan.
 
     Parameters
@@ -188,6 +189,9 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         are used, the first ``config.search_images`` of them also drive the channel search.
     config
         :class:`FlexiQConfig`; default ``FlexiQConfig()``.
+    cache
+        Optional dict shared between calls on the same model and calibration data: measured
+        sensitivity curves are reused (greedy and evolutionary measure the same ones).
     """
     import torch
 
@@ -224,7 +228,7 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         with torch.no_grad():
             return float(((fq(x_search).float() - ref_logits) ** 2).mean())
 
-    selector = Selector(infos, distance, cfg)
+    selector = Selector(infos, distance, cfg, cache)
     chosen = selector.run()
     for lp in layers:
         order, counts = chosen[lp.name]
@@ -235,6 +239,7 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         "calibration_seconds": round(t_calib, 2),
         "selection_seconds": round(selector.seconds, 2),
         "selection_evaluations": selector.evaluations,
+        "sensitivity_reused": selector.sensitivity_cached,
         "mac_fraction": {ratio_key(r): plan.mac_fraction(r) for r in cfg.ratios},
         "mac_fraction_all_covered": {ratio_key(r): plan.mac_fraction(r, False)
                                      for r in cfg.ratios},

@@ -35,9 +35,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_STEPS = 8
-
-
 @dataclass
 class LayerInfo:
     name: str
@@ -51,7 +48,8 @@ class LayerInfo:
 class Selector:
     """Builds nested channel sets; ``distance(masks)`` measures a candidate (lower = better)."""
 
-    def __init__(self, infos: list[LayerInfo], distance, config) -> None:
+    def __init__(self, infos: list[LayerInfo], distance, config, cache: dict | None = None
+                 ) -> None:
         self.infos = [i for i in infos if i.eligible]
         self.all_infos = infos
         self.distance = distance
@@ -59,6 +57,11 @@ class Selector:
         self.rng = np.random.default_rng(config.seed)
         self.total_macs = sum(i.channels * i.macs for i in self.infos)
         self.evaluations = 0
+        self.steps = config.sensitivity_steps
+        # sensitivity curves depend only on the model, calibration and steps: callers running
+        # several selections on the same calibration share them through ``cache``
+        self.cache = {} if cache is None else cache
+        self.sensitivity_cached = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -126,21 +129,26 @@ class Selector:
         return chains
 
     def _sensitivity(self) -> dict[str, np.ndarray]:
-        """Distance with 0, 1/8, ..., 8/8 of each layer's channels lowered (proxy order)."""
+        """Distance with 0, 1/S, ..., S/S of each layer's channels lowered (proxy order)."""
+        key = ("sensitivity", self.steps, tuple(i.name for i in self.infos))
+        if key in self.cache:
+            self.sensitivity_cached = True
+            return self.cache[key]
         base = self._measure(self._empty())
         curves = {}
         for i in self.infos:
             order = np.argsort(i.proxy, kind="stable")
             pts = [base]
-            for k in range(1, SENSITIVITY_STEPS + 1):
+            for k in range(1, self.steps + 1):
                 sets = self._empty()
-                sets[i.name][order[: round(k / SENSITIVITY_STEPS * i.channels)]] = True
+                sets[i.name][order[: round(k / self.steps * i.channels)]] = True
                 pts.append(self._measure(sets))
             curves[i.name] = np.maximum.accumulate(np.asarray(pts))  # lowering never helps
+        self.cache[key] = curves
         return curves
 
     def _curve_at(self, info: LayerInfo, curve: np.ndarray, n: float) -> float:
-        grid = np.round(np.arange(SENSITIVITY_STEPS + 1) / SENSITIVITY_STEPS * info.channels)
+        grid = np.round(np.arange(self.steps + 1) / self.steps * info.channels)
         return float(np.interp(n, grid, curve))
 
     def _greedy_fill(self, base: dict[str, np.ndarray], target: int, curves) -> dict:
@@ -153,7 +161,7 @@ class Selector:
                 n = int(sets[i.name].sum())
                 if n >= i.channels:
                     continue
-                step = max(1, int(np.ceil(i.channels / SENSITIVITY_STEPS)))
+                step = max(1, int(np.ceil(i.channels / self.steps)))
                 step = min(step, i.channels - n)
                 need = int(np.ceil((target - cur) / i.macs))
                 add = min(step, need)
