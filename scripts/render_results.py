@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Render eval JSON files (``flexiq-tvm eval --ratios ... --json``) as Markdown tables.
+"""Render eval JSON files and the zoo manifest as Markdown tables (printed to stdout).
 
-Usage: ``python scripts/render_results.py docs/results/*.quant.json``; prints to stdout.
+Usage: ``python scripts/render_results.py [--zoo] docs/results/*.json``: ``--zoo`` prints the
+manifest table; ``*.fp32.json`` files give the frontend table, ``*.quant.json`` the FlexiQ ones.
 """
 
 from __future__ import annotations
@@ -64,11 +65,52 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths: list[str]) -> None:
+def render_zoo() -> str:
+    from flexiq_tvm.zoo.registry import MODELS, read_manifest
+
+    man = read_manifest()
+    lines = ["| model | FP32 top-1 (%) | bar (%) | epochs | train time | size | command |",
+             "|---|---|---|---|---|---|---|"]
+    for name, spec in MODELS.items():
+        e = man.get(name)
+        if e is None:
+            continue
+        lines.append(
+            f"| {name} | {pct(e['top1'])} | {pct(spec.min_top1)} | {e['recipe']['epochs']} | "
+            f"{e['train_seconds'] / 60:.0f} min | {e['size_bytes'] / 1e6:.2f} MB | "
+            f"`{e['command']}` |")
+    return "\n".join(lines)
+
+
+def render_fp32(docs: list[dict]) -> str:
+    lines = ["| model | data | images | torch top-1 (%) | TVM via | TVM images | agreement (%) "
+             "| max abs logit diff |", "|---|---|---|---|---|---|---|---|"]
+    for d in docs:
+        for r in d["results"]:
+            lines.append(
+                f"| {d['model']} | {d['dataset']} | {d['n_images']} | {pct(d['fp32']['top1'])} "
+                f"| {r['frontend']} | {r['n_images']} | {pct(r['agreement'])} | "
+                f"{r['max_abs_logit_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(args: list[str]) -> None:
+    if "--zoo" in args:
+        print(render_zoo())
+        print()
+    paths = [a for a in args if a != "--zoo"]
+    docs = []
     for p in paths:
         with open(p) as f:
-            print(render(json.load(f)))
+            docs.append((p, json.load(f)))
+    fp32 = [d for p, d in docs if p.endswith(".fp32.json")]
+    if fp32:
+        print(render_fp32(fp32))
         print()
+    for p, d in docs:
+        if p.endswith(".quant.json"):
+            print(render(d))
+            print()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ stay in floating point in this version (the compiler reports them as kept in FP3
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -190,8 +191,8 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     config
         :class:`FlexiQConfig`; default ``FlexiQConfig()``.
     cache
-        Optional dict shared between calls on the same model and calibration data: measured
-        sensitivity curves are reused (greedy and evolutionary measure the same ones).
+        Optional dict shared between calls on the same model and calibration data: the
+        calibration statistics and the measured sensitivity curves are reused.
     """
     import torch
 
@@ -201,7 +202,13 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     cfg = config or FlexiQConfig()
     t0 = time.time()
     calib = np.asarray(calib_data, np.float32)[: cfg.calib_images]
-    stats = calibrate(model, calib, progress=progress)
+    key = ("calibration", id(model), calib.shape, hashlib.sha1(calib.tobytes()).hexdigest())
+    if cache is not None and key in cache:
+        stats = cache[key]
+    else:
+        stats = calibrate(model, calib, progress=progress)
+        if cache is not None:
+            cache[key] = stats
     if not stats:
         raise ValueError("the model has no Conv2d/Linear layer to quantize")
     skipped: dict[str, str] = {}
