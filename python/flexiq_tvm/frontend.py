@@ -180,6 +180,11 @@ def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     proto = _load_onnx(model)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if input_shapes:
+        unknown = set(input_shapes) - {i.name for i in inputs}
+        if unknown:
+            raise ValueError(f"input_shapes names {sorted(unknown)} are not graph inputs "
+                             f"(inputs: {sorted(i.name for i in inputs)})")
     shapes: dict[str, tuple[int, ...]] = {}
     for inp in inputs:
         if input_shapes and inp.name in input_shapes:
@@ -193,11 +198,6 @@ def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
                 f"{{{inp.name!r}: (N, C, H, W)}}"
             )
         shapes[inp.name] = tuple(dims)
-    if input_shapes:
-        unknown = set(input_shapes) - set(shapes)
-        if unknown:
-            raise ValueError(f"input_shapes names {sorted(unknown)} are not graph inputs "
-                             f"(inputs: {sorted(shapes)})")
     if _has_runtime_shapes(proto):
         log.info("ONNX graph computes shapes at run time: constant-folding it first")
         proto = fold_onnx_constants(_with_static_inputs(proto, shapes))
