@@ -39,7 +39,7 @@ RECIPES: dict[str, Recipe] = {
     "resnet20_fmnist": Recipe(epochs=12, optimizer="sgd", lr=0.1, weight_decay=5e-4),
     "mobilenetv2_fmnist": Recipe(epochs=10, optimizer="sgd", lr=0.1, weight_decay=4e-5),
     "vit_fmnist": Recipe(epochs=12, optimizer="adamw", lr=2e-3, weight_decay=0.05),
-    "swin_fmnist": Recipe(epochs=14, optimizer="adamw", lr=2e-3, weight_decay=0.05),
+    "swin_fmnist": Recipe(epochs=20, optimizer="adamw", lr=2e-3, weight_decay=0.05),
 }
 
 
