@@ -15,7 +15,7 @@ EXE = Path(sys.executable).parent / "flexiq-tvm"
 @pytest.fixture(scope="module")
 def resnet_doc():
     return evaluate_quantized("resnet20_fmnist", ratios=(0.0, 0.5, 1.0),
-                              selections=("static", "greedy"), limit=2000, progress=False)
+                              selections=("static", "greedy"), limit=1000, progress=False)
 
 
 def _get(doc, method, ratio):
