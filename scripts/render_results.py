@@ -65,33 +65,30 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def render_zoo() -> str:
     from flexiq_tvm.zoo.registry import MODELS, read_manifest
 
     man = read_manifest()
-    lines = ["| model | FP32 top-1 (%) | bar (%) | epochs | train time | size | command |",
-             "|---|---|---|---|---|---|---|"]
-    for name, spec in MODELS.items():
-        e = man.get(name)
-        if e is None:
-            continue
-        lines.append(
-            f"| {name} | {pct(e['top1'])} | {pct(spec.min_top1)} | {e['recipe']['epochs']} | "
-            f"{e['train_seconds'] / 60:.0f} min | {e['size_bytes'] / 1e6:.2f} MB | "
-            f"`{e['command']}` |")
-    return "\n".join(lines)
+    rows = [[name, pct(e["top1"]), pct(spec.min_top1), e["recipe"]["epochs"],
+             f"{e['train_seconds'] / 60:.0f} min", f"{e['size_bytes'] / 1e6:.2f} MB",
+             f"`{e['command']}`"]
+            for name, spec in MODELS.items() if (e := man.get(name)) is not None]
+    return _table(["model", "FP32 top-1 (%)", "bar (%)", "epochs", "train time", "size",
+                   "command"], rows)
 
 
 def render_fp32(docs: list[dict]) -> str:
-    lines = ["| model | data | images | torch top-1 (%) | TVM via | TVM images | agreement (%) "
-             "| max abs logit diff |", "|---|---|---|---|---|---|---|---|"]
-    for d in docs:
-        for r in d["results"]:
-            lines.append(
-                f"| {d['model']} | {d['dataset']} | {d['n_images']} | {pct(d['fp32']['top1'])} "
-                f"| {r['frontend']} | {r['n_images']} | {pct(r['agreement'])} | "
-                f"{r['max_abs_logit_diff']:.1e} |")
-    return "\n".join(lines)
+    rows = [[d["model"], d["dataset"], d["n_images"], pct(d["fp32"]["top1"]), r["frontend"],
+             r["n_images"], pct(r["agreement"]), f"{r['max_abs_logit_diff']:.1e}"]
+            for d in docs for r in d["results"]]
+    return _table(["model", "data", "images", "torch top-1 (%)", "TVM via", "TVM images",
+                   "agreement (%)", "max abs logit diff"], rows)
 
 
 def main(args: list[str]) -> None:

@@ -35,17 +35,6 @@ def load_eval_data(name: str, limit: int | None = None) -> tuple[str, np.ndarray
     return "natural-heldout-views", x, y
 
 
-def predict_torch(model, x: np.ndarray, batch: int = 250) -> np.ndarray:
-    """Logits of a torch model on numpy images (float32)."""
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            outs.append(model(torch.from_numpy(x[i : i + batch])).numpy())
-    return np.concatenate(outs)
-
-
 def predict_runner(runner, x: np.ndarray, batch: int) -> np.ndarray:
     """Logits of a built module with a static batch ``batch`` (the tail is zero-padded)."""
     outs = []
@@ -77,10 +66,12 @@ def evaluate_fp32(
     unscheduled, so it is slow); ``vias`` lists the frontends to build through (one result row
     each).  Returns the eval JSON document.
     """
+    from .fakequant import predict
+
     dataset, x, y = load_eval_data(name, limit)
     model = registry.get_model(name)
     t0 = time.time()
-    logits = predict_torch(model, x)
+    logits = predict(model, x, batch=250)
     torch_s = time.time() - t0
     acc = top1(logits, y)
     doc = {

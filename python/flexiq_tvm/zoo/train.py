@@ -61,15 +61,10 @@ def _augment(x, gen):
 
 def evaluate_torch(model, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
     """Top-1 accuracy (fraction) of a torch model on normalized numpy images."""
-    import torch
+    from ..fakequant import predict
 
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            logits = model(torch.from_numpy(x[i : i + batch]))
-            correct += int((logits.argmax(1).numpy() == y[i : i + batch]).sum())
-    return correct / len(x)
+    return int((predict(model, x, batch).argmax(1) == y).sum()) / len(x)
 
 
 def train(name: str, seed: int = 0, epochs: int | None = None, threads: int = 1,
