@@ -100,6 +100,9 @@ def export_onnx(model, example_input, path: str | os.PathLike | None = None,
                 opset: int = ONNX_OPSET):
     """Export a torch module to ONNX (TorchScript exporter, ``dynamo=False``).
 
+    BatchNorm is exported as ``BatchNormalization`` (training mode ``PRESERVE`` on a module in
+    eval mode), not folded into the conv weights: a QuantPlan is computed on the torch module's
+    own conv weights, and the compiler finds each layer in the graph by those weights.
     Returns the ``onnx.ModelProto``; also writes it to ``path`` when given.
     """
     import onnx
@@ -110,7 +113,8 @@ def export_onnx(model, example_input, path: str | os.PathLike | None = None,
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     with torch.no_grad():
         torch.onnx.export(model.eval(), args, buf, opset_version=opset, dynamo=False,
-                          input_names=names, output_names=["output"])
+                          input_names=names, output_names=["output"],
+                          training=torch.onnx.TrainingMode.PRESERVE)
     proto = onnx.load_from_string(buf.getvalue())
     if path is not None:
         onnx.save(proto, str(path))
@@ -149,11 +153,17 @@ def _has_runtime_shapes(proto) -> bool:
     return False
 
 
+_WEIGHT_REWRITING_FUSIONS = ["ConvBNFusion", "ConvAddFusion", "ConvMulFusion", "MatMulAddFusion",
+                             "GemmTransposeFusion", "MatMulScaleFusion"]
+
+
 def fold_onnx_constants(proto):
     """Constant-fold an ONNX graph (shape computations included) with onnxruntime.
 
     Uses only onnxruntime's *basic* level, which folds constants and removes redundant nodes
-    but does not fuse ops into onnxruntime-specific ones, so the result stays standard ONNX.
+    but does not fuse ops into onnxruntime-specific ones, so the result stays standard ONNX;
+    the basic fusions that rewrite conv/matmul weights (BatchNorm, Add, Mul into Conv) are
+    disabled so the weights stay those of the source model.
     """
     import tempfile
 
@@ -165,7 +175,8 @@ def fold_onnx_constants(proto):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = out
-        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=_WEIGHT_REWRITING_FUSIONS)
         return onnx.load(out)
 
 
@@ -251,8 +262,20 @@ def import_model(model, example_input=None, via: str = "torch.export") -> Import
 
 
 def default_llvm_target() -> dict:
-    """The llvm target of this machine as a dict (TVM 0.27 rejects option strings)."""
-    return {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    """The llvm target of this machine as a dict (TVM 0.27 rejects option strings).
+
+    On x86-64 the host CPU as LLVM detects it (``-mcpu=native``), so AVX2 / AVX-512 are used
+    where the machine has them; elsewhere LLVM's generic CPU.
+    """
+    import platform
+
+    target = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    if platform.machine() in ("x86_64", "AMD64"):
+        import tvm
+
+        target["mtriple"] = "x86_64-pc-linux-gnu"
+        target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    return target
 
 
 class Runner:
