@@ -1,0 +1,29 @@
+"""FlexiQ Relax passes, one per file, each a ``tvm.transform`` module pass.
+
+Order: :func:`prepare` (TVM's own clean-up passes) -> :class:`AnnotateChannelPrecision` ->
+:class:`ReorderChannelBlocks` -> :class:`QuantizeMixedPrecision`, then the target's pipeline.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ._graph import strip_composites
+from .annotate_channel_precision import AnnotateChannelPrecision
+from .reorder_channel_blocks import ReorderChannelBlocks
+
+
+def prepare() -> tvm.transform.Pass:
+    """Bring a bound frontend module into the form the passes expect: BatchNorm decomposed
+    into per-channel elementwise ops, constants folded (linear weights become ``[K, O]``
+    constants), tuple plumbing removed, one dataflow block."""
+    return tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
+    ], name="FlexiQPrepare")
+
+
+__all__ = ["AnnotateChannelPrecision", "ReorderChannelBlocks", "prepare", "strip_composites"]
