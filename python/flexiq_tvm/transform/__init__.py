@@ -11,6 +11,7 @@ from tvm import relax
 
 from ._graph import strip_composites
 from .annotate_channel_precision import AnnotateChannelPrecision
+from .quantize_mixed_precision import QuantizeMixedPrecision, variant_name
 from .reorder_channel_blocks import ReorderChannelBlocks
 
 
@@ -26,4 +27,5 @@ def prepare() -> tvm.transform.Pass:
     ], name="FlexiQPrepare")
 
 
-__all__ = ["AnnotateChannelPrecision", "ReorderChannelBlocks", "prepare", "strip_composites"]
+__all__ = ["AnnotateChannelPrecision", "QuantizeMixedPrecision", "ReorderChannelBlocks",
+           "variant_name", "prepare", "strip_composites"]

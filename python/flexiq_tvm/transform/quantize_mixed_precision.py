@@ -1,0 +1,271 @@
+"""QuantizeMixedPrecision: lower the FlexiQ composites to mixed-precision ``call_tir`` kernels
+and emit one entry function per ratio (``main_r000``, ``main_r050``, ...).
+
+Runs after :class:`ReorderChannelBlocks`. Per covered layer, from the plan (weights are the
+plan's INT8 codes, permuted by the composite's ``flexiq.in_perm`` / ``flexiq.out_perm``):
+
+* GEMM conv: ``quantize_padded -> im2col -> mixed_gemm -> dequantize``; linear:
+  ``quantize_rows -> mixed_gemm -> dequantize``; grouped/depthwise conv:
+  ``quantize_padded -> mixed_grouped_conv -> dequantize``.
+* Weights are quantized, reordered and packed once at compile time (INT8 ``[K, O]`` plus the
+  4-bit codes of the largest ratio's low block, two per byte) and every ratio variant calls the
+  same kernels with the same constants: a variant differs only in the ``n_low`` scalars.
+
+The kernels come from a target's kernel library (``flexiq_tvm.schedules.<target>``), so the
+pass itself is target-independent. ``expose_layers=True`` makes each variant also return every
+covered layer's input and int32 accumulator (the bit-exactness tests compare them with the
+integer oracle).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import reference as ref
+from ..plan import QuantPlan
+from . import _graph as g
+
+
+def variant_name(ratio: float) -> str:
+    """``0.25 -> "main_r025"``."""
+    return f"main_r{round(float(ratio) * 100):03d}"
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pack_int4_blocks(codes: np.ndarray, to: int) -> np.ndarray:
+    """4-bit codes ``[K, O]`` (O a multiple of ``to``) -> uint8 ``[K, O // 2]``: in each block
+    of ``to`` outputs, byte ``j`` holds output ``j`` (low nibble) and ``j + to/2`` (high)."""
+    k, o = codes.shape
+    nib = (codes.astype(np.int32) & 15).astype(np.uint8).reshape(k, o // to, to)
+    half = to // 2
+    return (nib[:, :, :half] | (nib[:, :, half:] << 4)).reshape(k, o // 2)
+
+
+def pack_int4_flat(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes (any shape) -> uint8, element ``i`` in byte ``i // 2``, nibble ``i % 2``."""
+    flat = (codes.reshape(-1).astype(np.int32) & 15).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+class _Layer:
+    """Compile-time data of one covered layer (constants shared by all variants)."""
+
+    def __init__(self, lp, kind, in_perm, out_perm, x_shape, y_shape, conv_attrs) -> None:
+        self.lp, self.kind = lp, kind
+        self.in_perm, self.out_perm = in_perm, out_perm
+        self.x_shape, self.y_shape = x_shape, y_shape
+        self.conv_attrs = conv_attrs
+        codes = lp.w_codes[out_perm][:, in_perm] if lp.groups == 1 else lp.w_codes[out_perm]
+        self.codes = codes
+        self.sa = lp.act_shift.astype(np.int32)[in_perm]
+        self.sw = lp.w_shift.astype(np.int32)[in_perm]
+        self.mult = (np.float32(lp.act_scale) * lp.w_scale.astype(np.float32))[out_perm]
+        pos = np.empty(lp.in_channels, np.int64)
+        pos[np.asarray(lp.order)] = np.arange(lp.in_channels)
+        self.rank = pos[in_perm].astype(np.int32)  # rank of each (reordered) channel
+        self.grouped = lp.groups > 1
+        if not self.grouped:
+            for r, n in lp.n_low.items():
+                if set(in_perm[:n].tolist()) != set(np.asarray(lp.order[:n]).tolist()):
+                    raise ValueError(f"layer {lp.name}: ratio {r} low set is not a prefix of the "
+                                     "input order; run ReorderChannelBlocks first")
+        self.n_max = max(lp.n_low.values())
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeMixedPrecision")
+class QuantizeMixedPrecision:
+    """Replace the composites by mixed-precision kernels; one entry per ratio.
+
+    Parameters
+    ----------
+    plan : QuantPlan
+    kernels : dict
+        The target's kernel library (e.g. ``flexiq_tvm.schedules.llvm.KERNELS``).
+    ratios : sequence of float, optional
+        Ratios to emit (default: all of the plan's).
+    expose_layers : bool
+        Also return each covered layer's input and int32 accumulator.
+    """
+
+    def __init__(self, plan: QuantPlan, kernels: dict, ratios=None, func_name: str = "main",
+                 expose_layers: bool = False) -> None:
+        self.plan = plan
+        self.kernels = kernels
+        self.ratios = [float(r) for r in (ratios if ratios is not None else plan.ratios)]
+        for r in self.ratios:
+            plan.check_ratio(r)
+        self.func_name = func_name
+        self.expose_layers = expose_layers
+        self.layers: list[_Layer] = []  # covered layers, in program order (after a run)
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        k = self.kernels
+        cache: dict = {}  # composite name -> (kernel gvs, constants, layer)
+        out = mod
+        for ratio in self.ratios:
+            exposed: list = []
+
+            def visit(bb, var, value, ratio=ratio, exposed=exposed):
+                comp = g.composite_kind(mod, value)
+                if comp is None:
+                    return value
+                kind, cfunc = comp
+                key = value.op.name_hint
+                if key not in cache:
+                    cache[key] = self._build(bb, kind, cfunc, value, var, k)
+                    cache[key][2].gather = bool(cfunc.attrs["flexiq.gather"])
+                    self.layers.append(cache[key][2])
+                gvs, consts, layer = cache[key]
+                n_low = int(layer.lp.n_low[self.plan.check_ratio(ratio)])
+                y, acc = self._emit(bb, value.args[0], kind, layer, gvs, consts, n_low)
+                if self.expose_layers:
+                    exposed.extend([value.args[0], acc])
+                return y
+
+            def ret(bb, body, exposed=exposed):
+                if not self.expose_layers:
+                    return body
+                return relax.Tuple([body, relax.Tuple(exposed)])
+
+            out = g.rebuild(out, self.func_name, visit, ret=ret,
+                            new_name=variant_name(ratio))
+        funcs = {gv: f for gv, f in out.functions.items()
+                 if gv.name_hint != self.func_name
+                 and not (isinstance(f, relax.Function) and f.attrs is not None
+                          and g.COMPOSITE_ATTR in f.attrs)}
+        return relax.transform.Normalize()(tvm.IRModule(funcs, attrs=out.attrs))
+
+    # ------------------------------------------------------------------ per layer
+    def _build(self, bb, kind, cfunc, call, var, k):
+        lp = self.plan.layer(str(cfunc.attrs["flexiq.layer"]))
+        in_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.in_perm"]])
+        out_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.out_perm"]])
+        inner = g.inner_call(cfunc)
+        layer = _Layer(lp, kind, in_perm, out_perm, g.shape_of(call.args[0]), g.shape_of(var),
+                       inner.attrs if kind == g.CONV else None)
+        signed = bool(lp.act_signed)
+        inv = float(np.float32(lp.act_inv_scale))
+        name = cfunc.attrs["flexiq.layer"].replace(".", "_")
+        gvs, consts = {}, {}
+        consts["mult"] = relax.const(layer.mult, "float32")
+        consts["sa"] = relax.const(layer.sa, "int32")
+        w4codes = ref.extract_bits(
+            layer.codes.astype(np.int32),
+            layer.sw.reshape((1, -1) + (1,) * (layer.codes.ndim - 2)) if not layer.grouped
+            else layer.sw[ref.weight_input_channels(lp.weight_shape, lp.groups)].reshape(
+                ref.weight_input_channels(lp.weight_shape, lp.groups).shape
+                + (1,) * (layer.codes.ndim - 2)), True)
+        if kind == g.CONV and layer.grouped:
+            n, c, h, w = layer.x_shape
+            a = layer.conv_attrs
+            pad = [int(p) for p in a.padding]  # top, left, bottom, right
+            pad4 = (pad[0], pad[2], pad[1], pad[3])
+            o, cg, kh, kw = lp.weight_shape
+            oh, ow = layer.y_shape[2], layer.y_shape[3]
+            hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
+            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed), f"{name}_quantize")
+            gvs["conv"] = bb.add_func(k["mixed_grouped_conv"](
+                n, c, hp, wp, o, cg, kh, kw, tuple(int(s) for s in a.strides),
+                tuple(int(d) for d in a.dilation), oh, ow, lp.groups), f"{name}_conv")
+            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP", None),
+                                     f"{name}_dequantize")
+            consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
+            consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
+            consts["shift"] = relax.const((layer.sa + layer.sw).astype(np.int32), "int32")
+            consts["rank"] = relax.const(layer.rank, "int32")
+            layer.geo = dict(hp=hp, wp=wp, o=o, oh=oh, ow=ow, kk=kh * kw)
+            layer.w_bytes = dict(int8=layer.codes.size, int4_packed=consts["w4"].value.numpy().size)
+            return gvs, consts, layer
+        to, tp = k["mixed_gemm"].__globals__["TO"], k["mixed_gemm"].__globals__["TP"]
+        o = lp.weight_shape[0]
+        opad = _round_up(o, to)
+        if kind == g.CONV:
+            n, c, h, w = layer.x_shape
+            a = layer.conv_attrs
+            pad = [int(p) for p in a.padding]
+            pad4 = (pad[0], pad[2], pad[1], pad[3])
+            _, _, kh, kw = lp.weight_shape
+            oh, ow = layer.y_shape[2], layer.y_shape[3]
+            p = oh * ow
+            hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
+            kk = kh * kw
+            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed),
+                                   f"{name}_quantize")
+            gvs["im2col"] = bb.add_func(k["im2col"](
+                n, c, hp, wp, kh, kw, tuple(int(s) for s in a.strides),
+                tuple(int(d) for d in a.dilation), oh, ow, _round_up(p, tp)), f"{name}_im2col")
+            layer.geo = dict(n=n, c=c, hp=hp, wp=wp, p=p, ppad=_round_up(p, tp), oh=oh, ow=ow)
+        else:
+            c = layer.x_shape[-1]
+            m = int(np.prod(layer.x_shape[:-1]))
+            kk = 1
+            n = 1
+            p = m
+            gvs["q"] = bb.add_func(k["quantize_rows"](m, c, _round_up(m, tp), inv, signed),
+                                   f"{name}_quantize")
+            layer.geo = dict(n=1, m=m, p=m, ppad=_round_up(m, tp))
+        kdim = c * kk
+        ppad = layer.geo["ppad"]
+        layout = "OP" if kind == g.CONV else "PO"
+        k4 = layer.n_max * kk
+        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, opad, kdim, ppad, k4, layout), f"{name}_gemm")
+        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout, None),
+                                 f"{name}_dequantize")
+        w_ko = np.zeros((kdim, opad), np.int8)
+        w_ko[:, :o] = layer.codes.reshape(o, kdim).T
+        w4 = np.zeros((max(k4, 1), opad), np.int32)
+        if k4:
+            w4[:k4, :o] = w4codes.reshape(o, kdim)[:, :k4].T
+        consts["w8"] = relax.const(w_ko, "int8")
+        consts["w4"] = relax.const(pack_int4_blocks(w4, to), "uint8")
+        consts["shift"] = relax.const(np.repeat(layer.sa + layer.sw, kk).astype(np.int32), "int32")
+        consts["rank"] = relax.const(np.arange(c, dtype=np.int32), "int32")
+        layer.geo.update(o=o, opad=opad, kk=kk)
+        layer.w_bytes = dict(int8=int(o * kdim), int4_packed=int(k4 * opad // 2) if k4 else 0)
+        return gvs, consts, layer
+
+    def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
+        geo = layer.geo
+        nl = tvm.tirx.IntImm("int32", n_low)
+        if kind == g.CONV and layer.grouped:
+            n, c = layer.x_shape[:2]
+            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["rank"], nl),
+                                       relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
+            acc = bb.emit(relax.call_tir(
+                gvs["conv"], (q, consts["w8"], consts["w4"], consts["shift"], consts["rank"], nl),
+                relax.TensorType((n, geo["o"], geo["oh"], geo["ow"]), "int32")))
+            acc3 = bb.emit(relax.op.reshape(acc, (n, geo["o"], geo["oh"] * geo["ow"])))
+            y = bb.emit(relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
+                                       relax.TensorType((n, geo["o"], geo["oh"] * geo["ow"]),
+                                                        "float32")))
+            return relax.op.reshape(y, layer.y_shape), acc
+        nk = tvm.tirx.IntImm("int32", n_low * geo["kk"])
+        if kind == g.CONV:
+            n, c = geo["n"], geo["c"]
+            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["rank"], nl),
+                                       relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
+            col = bb.emit(relax.call_tir(gvs["im2col"], (q,), relax.TensorType(
+                (n, c * geo["kk"], geo["ppad"]), "int16")))
+            acc = bb.emit(relax.call_tir(
+                gvs["gemm"], (col, consts["w8"], consts["w4"], consts["shift"], nk),
+                relax.TensorType((n, geo["opad"], geo["ppad"]), "int32")))
+            y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]), relax.TensorType(
+                (n, geo["o"], geo["p"]), "float32")))
+            return relax.op.reshape(y, layer.y_shape), acc
+        c = layer.x_shape[-1]
+        x2 = bb.emit(relax.op.reshape(x, (geo["m"], c)))
+        col = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], nl),
+                                     relax.TensorType((1, c, geo["ppad"]), "int16")))
+        acc = bb.emit(relax.call_tir(
+            gvs["gemm"], (col, consts["w8"], consts["w4"], consts["shift"], nk),
+            relax.TensorType((1, geo["ppad"], geo["opad"]), "int32")))
+        y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]),
+                                   relax.TensorType((geo["m"], geo["o"]), "float32")))
+        return relax.op.reshape(y, layer.y_shape), acc
