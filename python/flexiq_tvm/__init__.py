@@ -1,11 +1,13 @@
 """flexiq-tvm: FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.
 
-Public API (this version): :class:`FlexiQConfig`, :func:`quantize` (calibration and nested
+Public API (this version): :func:`compile` (model -> :class:`CompiledModule` with one
+function per low-bit ratio), :class:`FlexiQConfig`, :func:`quantize` (calibration and nested
 channel selection -> :class:`QuantPlan`), :class:`FakeQuantModel` (integer-exact torch
 emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the frontends
 :mod:`flexiq_tvm.frontend` and the model zoo :mod:`flexiq_tvm.zoo`.
 """
 
+from .api import CompiledModule, CompileReport, compile
 from .config import FlexiQConfig
 from .plan import LayerPlan, QuantPlan
 from .quantize import quantize
@@ -21,4 +23,5 @@ def __getattr__(name):  # torch-dependent names load on first use
     raise AttributeError(f"module 'flexiq_tvm' has no attribute {name!r}")
 
 
-__all__ = ["FakeQuantModel", "FlexiQConfig", "LayerPlan", "QuantPlan", "__version__", "quantize"]
+__all__ = ["CompileReport", "CompiledModule", "FakeQuantModel", "FlexiQConfig", "LayerPlan",
+           "QuantPlan", "__version__", "compile", "quantize"]

@@ -27,5 +27,11 @@ def prepare() -> tvm.transform.Pass:
     ], name="FlexiQPrepare")
 
 
-__all__ = ["AnnotateChannelPrecision", "QuantizeMixedPrecision", "ReorderChannelBlocks",
-           "variant_name", "prepare", "strip_composites"]
+__all__ = [
+    "AnnotateChannelPrecision",
+    "QuantizeMixedPrecision",
+    "ReorderChannelBlocks",
+    "prepare",
+    "strip_composites",
+    "variant_name",
+]

@@ -170,7 +170,8 @@ class QuantizeMixedPrecision:
             o, cg, kh, kw = lp.weight_shape
             oh, ow = layer.y_shape[2], layer.y_shape[3]
             hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
-            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed), f"{name}_quantize")
+            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed),
+                                   f"{name}_quantize")
             gvs["conv"] = bb.add_func(k["mixed_grouped_conv"](
                 n, c, hp, wp, o, cg, kh, kw, tuple(int(s) for s in a.strides),
                 tuple(int(d) for d in a.dilation), oh, ow, lp.groups), f"{name}_conv")

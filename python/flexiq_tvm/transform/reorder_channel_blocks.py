@@ -197,7 +197,7 @@ class ReorderChannelBlocks:
                     if changed:
                         args[i] = relax.const(np.ascontiguousarray(w))
             comp = g.composite_kind(mod, value)
-            if comp is not None:
+            if comp is not None and var in layer_in:  # grouped composites keep the order
                 kind, cfunc = comp
                 in_perm, gathered = layer_in[var]
                 out_perm = perm_of(var)

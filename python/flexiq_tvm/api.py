@@ -1,0 +1,249 @@
+"""``flexiq_tvm.compile``: model + calibration data -> one module with a function per ratio."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import FlexiQConfig
+from .plan import QuantPlan
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("llvm",)
+
+
+@dataclass
+class CompileReport:
+    """What the compiler did: covered layers, what stayed FP32 and why, gathers, memory."""
+
+    covered: list[dict] = field(default_factory=list)
+    kept_fp32: list[dict] = field(default_factory=list)
+    gathers: list[str] = field(default_factory=list)
+    weight_bytes: dict = field(default_factory=dict)
+    ratios: list[float] = field(default_factory=list)
+    times_s: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"covered": self.covered, "kept_fp32": self.kept_fp32, "gathers": self.gathers,
+                "weight_bytes": self.weight_bytes, "ratios": self.ratios,
+                "times_s": self.times_s}
+
+    def summary(self) -> str:
+        wb = self.weight_bytes
+        lines = [
+            f"covered layers: {len(self.covered)}  kept FP32: {len(self.kept_fp32)}  "
+            f"gathers: {len(self.gathers)}",
+            f"weights: INT8 {wb.get('int8', 0)} B, packed INT4 {wb.get('int4_packed', 0)} B "
+            f"(+{100 * wb.get('int4_packed', 0) / max(wb.get('int8', 1), 1):.1f} %), "
+            f"FP32 (uncovered) {wb.get('fp32', 0)} B",
+        ]
+        lines += [f"  FP32: {k['op']} {k.get('shape')} ({k['reason']})" for k in self.kept_fp32]
+        lines += [f"  gather before {g}" for g in self.gathers]
+        return "\n".join(lines)
+
+
+class CompiledModule:
+    """A compiled FlexiQ module: ``mod(x)``, ``mod.set_ratio(r)``, ``mod.ratios``, ``report``."""
+
+    def __init__(self, executable, ratios, input_shape, report: CompileReport, plan: QuantPlan,
+                 device=None, expose_layers: bool = False, layers=None) -> None:
+        import tvm
+        from tvm import relax
+
+        from .transform import variant_name
+
+        self.executable = executable
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self._ratios = tuple(float(r) for r in ratios)
+        self._funcs = {r: self.vm[variant_name(r)] for r in self._ratios}
+        self.input_shape = tuple(input_shape)
+        self.input_dtype = "float32"
+        self.report = report
+        self.plan = plan
+        self.expose_layers = expose_layers
+        self.layers = layers or []
+        self.ratio = self._ratios[0]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return self._ratios
+
+    def set_ratio(self, ratio: float) -> None:
+        """Select the variant for ``ratio`` (O(1): a dictionary lookup)."""
+        r = float(ratio)
+        if r not in self._funcs:
+            raise ValueError(f"ratio {ratio} was not compiled; compiled ratios: "
+                             f"{list(self._ratios)}")
+        self.ratio = r
+
+    def _check(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            raise TypeError(f"input dtype {x.dtype}; the module was compiled for float32")
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"input shape {tuple(x.shape)}; the module was compiled for "
+                             f"{self.input_shape}")
+        return np.ascontiguousarray(x)
+
+    def run(self, x, ratio: float | None = None):
+        """Raw outputs of one variant (a tuple when ``expose_layers``)."""
+        import tvm
+
+        if ratio is not None:
+            self.set_ratio(ratio)
+        return self._funcs[self.ratio](tvm.runtime.tensor(self._check(x), self.device))
+
+    def __call__(self, x) -> np.ndarray:
+        out = self.run(x)
+        if self.expose_layers:
+            out = out[0]
+        while not hasattr(out, "numpy"):
+            out = out[0]
+        return out.numpy()
+
+    def layer_tensors(self, x, ratio: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per covered layer ``(input, int32 accumulator)`` (needs ``expose_layers=True``)."""
+        if not self.expose_layers:
+            raise ValueError("compile with expose_layers=True to read layer tensors")
+        exposed = [a.numpy() for a in self.run(x, ratio)[1]]
+        return list(zip(exposed[0::2], exposed[1::2], strict=True))
+
+
+def _kept_fp32(mod) -> list[dict]:
+    from .transform import _graph as g
+
+    out = []
+    for b in g.bindings(mod["main"]):
+        op = g.op_name(b.value)
+        if op in ("relax.nn.conv2d", "relax.matmul"):
+            w = g.const_np(b.value.args[1]) if len(b.value.args) > 1 else None
+            reason = ("no plan layer has these weights" if w is not None
+                      else "activation x activation (attention) matmul stays FP32")
+            out.append({"op": op, "shape": list(g.shape_of(b.var)), "reason": reason,
+                        "weight_bytes": 0 if w is None else int(w.nbytes)})
+    return out
+
+
+def compile(model, example_input, calib_data=None, target="llvm",
+            config: FlexiQConfig | None = None, plan: QuantPlan | None = None,
+            via: str = "torch.export", expose_layers: bool = False,
+            progress: bool = False) -> CompiledModule:
+    """Quantize (unless ``plan`` is given) and compile a model into a FlexiQ module.
+
+    Parameters
+    ----------
+    model
+        A ``torch.nn.Module``, or an ONNX path / ModelProto together with ``plan`` (a plan is
+        computed on a torch module: ``flexiq-tvm quantize`` writes one).
+    example_input
+        A tensor / array of the input shape (the module is compiled for this shape).
+    calib_data
+        float32 calibration images (needed when ``plan`` is None).
+    target
+        ``"llvm"`` (this machine's CPU).
+    config
+        :class:`FlexiQConfig` (ratios, selection, ...).
+    via
+        Frontend for torch models: ``"torch.export"`` or ``"onnx"``.
+    expose_layers
+        Also return every covered layer's input and int32 accumulator (for oracle checks).
+    """
+    import tvm
+
+    from . import frontend, transform
+    from .quantize import quantize
+    from .schedules.llvm import KERNELS
+
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}; available: {TARGETS}")
+    config = config or FlexiQConfig()
+    times = {}
+    try:
+        import torch
+
+        is_torch = isinstance(model, torch.nn.Module)
+    except ImportError:  # pragma: no cover
+        is_torch = False
+    t0 = time.perf_counter()
+    if plan is None:
+        if not is_torch:
+            raise ValueError("compiling an ONNX model needs plan=QuantPlan computed on its torch "
+                             "source (flexiq-tvm quantize --out plan.npz)")
+        if calib_data is None:
+            raise ValueError("calib_data is required when no plan is given")
+        plan = quantize(model, np.asarray(calib_data, np.float32), config, progress=progress)
+    times["quantize"] = time.perf_counter() - t0
+    ratios = [float(r) for r in config.ratios]
+    for r in ratios:
+        plan.check_ratio(r)
+    x = example_input.numpy() if hasattr(example_input, "numpy") else np.asarray(example_input)
+    t0 = time.perf_counter()
+    imported = frontend.import_model(model, x.astype(np.float32), via=via)
+    mod = transform.prepare()(imported.bound())
+    mod = transform.AnnotateChannelPrecision(plan)(mod)
+    mod = transform.ReorderChannelBlocks(plan)(mod)
+    kept = _kept_fp32(mod)
+    qpass = transform.QuantizeMixedPrecision(plan, KERNELS, ratios, expose_layers=expose_layers)
+    mod = qpass(mod)
+    times["passes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target=tvm.target.Target(frontend.default_llvm_target()))
+    times["build"] = time.perf_counter() - t0
+    report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
+    int8 = int4 = 0
+    for L in qpass.layers:
+        report.covered.append({"layer": L.lp.name, "kind": L.kind.split(".")[1],
+                               "grouped": L.grouped, "gather": L.gather,
+                               "n_low": {k: int(v) for k, v in L.lp.n_low.items()}})
+        if L.gather:
+            report.gathers.append(L.lp.name)
+        int8 += L.w_bytes["int8"]
+        int4 += L.w_bytes["int4_packed"]
+    fp32 = sum(k["weight_bytes"] for k in kept)
+    report.weight_bytes = {"int8": int8, "int4_packed": int4, "fp32": fp32}
+    missing = [lp.name for lp in plan.layers if lp.name not in {c["layer"] for c in report.covered}]
+    for name in missing:
+        report.kept_fp32.append({"op": name, "shape": None,
+                                 "reason": "plan layer not found in the graph"})
+    log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
+             sum(times.values()))
+    return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
+                          layers=qpass.layers)
+
+
+def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, int]]:
+    """Compare every covered layer's int32 accumulator in ``cm`` (compiled with
+    ``expose_layers=True``) with the integer oracle fed the same layer input.
+
+    Returns ``[(layer, max |difference|)]`` for the layers that differ: empty means bit-exact.
+    """
+    from . import reference as ref
+
+    bad = []
+    for L, (xin, acc) in zip(cm.layers, cm.layer_tensors(x, ratio), strict=True):
+        lp = L.lp
+        in_perm, out_perm = np.asarray(L.in_perm), np.asarray(L.out_perm)
+        xo = np.empty_like(xin)
+        if L.kind == "flexiq.conv2d":
+            xo[:, in_perm] = xin
+            codes = ref.quantize_act(xo, lp.act_inv_scale, lp.act_signed)
+            want = ref.mixed_conv2d(codes, lp.w_codes, lp.low_mask(ratio), lp.act_shift,
+                                    lp.w_shift, lp.act_signed, lp.stride, lp.padding,
+                                    lp.dilation, lp.groups)[:, out_perm]
+            n, o, h, w = want.shape
+            got = acc.reshape(n, acc.shape[1], -1)[:, :o, : h * w].reshape(want.shape)
+        else:
+            xo[..., in_perm] = xin
+            codes = ref.quantize_act(xo.reshape(-1, xo.shape[-1]), lp.act_inv_scale,
+                                     lp.act_signed)
+            want = ref.mixed_matmul(codes, lp.w_codes, lp.low_mask(ratio), lp.act_shift,
+                                    lp.w_shift, lp.act_signed)[:, out_perm]
+            got = acc[0, : want.shape[0], : want.shape[1]]
+        if not np.array_equal(got, want):
+            bad.append((lp.name, int(np.abs(got.astype(np.int64) - want).max())))
+    return bad

@@ -1,0 +1,77 @@
+"""flexiq_tvm.compile on the zoo: bit-exact with the oracle, predictions equal to fake-quant,
+through both frontends; API errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flexiq_tvm
+from flexiq_tvm import FlexiQConfig
+from flexiq_tvm.api import oracle_mismatches
+from flexiq_tvm.fakequant import FakeQuantModel, predict
+from flexiq_tvm.quantize import quantize
+from flexiq_tvm.zoo import data, registry
+
+FMNIST = ["resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist"]
+
+
+@pytest.fixture(scope="module")
+def plans():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = registry.get_model(name)
+            calib = data.fmnist_calibration(64)
+            cfg = FlexiQConfig(selection="static", calib_images=64)
+            cache[name] = (model, quantize(model, calib, cfg, model_name=name, progress=False))
+        return cache[name]
+
+    return get
+
+
+def _check_model(plans, name, via, n_images):
+    model, plan = plans(name)
+    xs, _ = data.load_fmnist("test", n_images)
+    cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, expose_layers=True)
+    assert cm.ratios == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert not [k for k in cm.report.kept_fp32 if "plan layer" in k["reason"]]
+    fq = FakeQuantModel(model, plan)
+    for r in cm.ratios:
+        assert oracle_mismatches(cm, xs[:1], r) == [], (name, via, r)
+        cm.set_ratio(r)
+        fq.set_ratio(r)
+        got = np.concatenate([cm(xs[i : i + 1]) for i in range(n_images)])
+        want = predict(fq, xs)
+        np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+
+
+@pytest.mark.parametrize("via", ["torch.export", "onnx"])
+def test_resnet20_bit_exact_and_equal_to_fakequant(plans, via):
+    _check_model(plans, "resnet20_fmnist", via, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["torch.export", "onnx"])
+@pytest.mark.parametrize("name", FMNIST[1:])
+def test_zoo_bit_exact_and_equal_to_fakequant(plans, name, via):
+    _check_model(plans, name, via, 100)
+
+
+def test_api_errors(plans):
+    model, plan = plans("resnet20_fmnist")
+    xs, _ = data.load_fmnist("test", 2)
+    cm = flexiq_tvm.compile(model, xs[:1], plan=plan, config=FlexiQConfig(ratios=(0, 0.5)))
+    assert cm.ratios == (0.0, 0.5)
+    with pytest.raises(ValueError, match=r"compiled ratios: \[0.0, 0.5\]"):
+        cm.set_ratio(0.25)
+    with pytest.raises(ValueError, match="compiled for"):
+        cm(xs[:2])
+    with pytest.raises(TypeError, match="float32"):
+        cm(xs[:1].astype(np.float64))
+    with pytest.raises(ValueError, match="target"):
+        flexiq_tvm.compile(model, xs[:1], plan=plan, target="vulkan")
+    with pytest.raises(ValueError, match="plan"):
+        flexiq_tvm.compile(b"not onnx", xs[:1])
+    assert cm.report.weight_bytes["int8"] == sum(lp.w_codes.size for lp in plan.layers)
