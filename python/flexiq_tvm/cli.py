@@ -105,6 +105,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .demo import compile_and_measure, print_compiled
+    from .plan import QuantPlan
+
+    plan = QuantPlan.load(args.plan) if args.plan else None
+    res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
+                              n_images=args.limit)
+    print_compiled(res)
+    if args.json:
+        doc = {k: v for k, v in res.items() if k != "report"}
+        doc["report"] = res["report"].as_dict()
+        _write_json(doc, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -161,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--extraction", default="effective", choices=("effective", "naive"))
     _add_search_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("compile", help="compile a zoo model with FlexiQ for llvm and measure it",
+                       description="Quantize (or load --plan), compile one module with a "
+                       "function per ratio, print the compile report and, per ratio, top-1 and "
+                       "batch-1 latency from real runs.")
+    c.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")
+    c.add_argument("--selection", default="static",
+                   choices=("static", "greedy", "evolutionary", "random"))
+    c.add_argument("--via", default="torch.export", choices=("torch.export", "onnx"))
+    c.add_argument("--limit", type=int, default=1000, help="test images per ratio")
+    c.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    c.set_defaults(func=cmd_compile)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "
