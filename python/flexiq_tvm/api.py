@@ -163,15 +163,9 @@ def compile(model, example_input, calib_data=None, target="llvm",
         raise ValueError(f"target={target!r}; available: {TARGETS}")
     config = config or FlexiQConfig()
     times = {}
-    try:
-        import torch
-
-        is_torch = isinstance(model, torch.nn.Module)
-    except ImportError:  # pragma: no cover
-        is_torch = False
     t0 = time.perf_counter()
     if plan is None:
-        if not is_torch:
+        if not frontend.is_torch_module(model):
             raise ValueError("compiling an ONNX model needs plan=QuantPlan computed on its torch "
                              "source (flexiq-tvm quantize --out plan.npz)")
         if calib_data is None:
@@ -231,18 +225,13 @@ def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, in
         xo = np.empty_like(xin)
         if L.kind == "flexiq.conv2d":
             xo[:, in_perm] = xin
-            codes = ref.quantize_act(xo, lp.act_inv_scale, lp.act_signed)
-            want = ref.mixed_conv2d(codes, lp.w_codes, lp.low_mask(ratio), lp.act_shift,
-                                    lp.w_shift, lp.act_signed, lp.stride, lp.padding,
-                                    lp.dilation, lp.groups)[:, out_perm]
+            want = ref.layer_forward(xo, lp, lp.low_mask(ratio))[0][:, out_perm]
             n, o, h, w = want.shape
             got = acc.reshape(n, acc.shape[1], -1)[:, :o, : h * w].reshape(want.shape)
         else:
             xo[..., in_perm] = xin
-            codes = ref.quantize_act(xo.reshape(-1, xo.shape[-1]), lp.act_inv_scale,
-                                     lp.act_signed)
-            want = ref.mixed_matmul(codes, lp.w_codes, lp.low_mask(ratio), lp.act_shift,
-                                    lp.w_shift, lp.act_signed)[:, out_perm]
+            want = ref.layer_forward(xo.reshape(-1, xo.shape[-1]), lp,
+                                     lp.low_mask(ratio))[0][:, out_perm]
             got = acc[0, : want.shape[0], : want.shape[1]]
         if not np.array_equal(got, want):
             bad.append((lp.name, int(np.abs(got.astype(np.int64) - want).max())))

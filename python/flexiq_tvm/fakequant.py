@@ -27,9 +27,7 @@ from .plan import LayerPlan, QuantPlan
 
 
 def _per_weight(values: np.ndarray, lp: LayerPlan) -> np.ndarray:
-    """Per-input-channel values broadcast to the weight's (O, C/groups, 1...) layout."""
-    idx = ref.weight_input_channels(lp.weight_shape, lp.groups)
-    return np.asarray(values)[idx].reshape(idx.shape + (1,) * (len(lp.weight_shape) - 2))
+    return ref.per_weight(values, lp.weight_shape, lp.groups)
 
 
 class FakeQuantLayer(nn.Module):

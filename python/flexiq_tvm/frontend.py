@@ -230,6 +230,14 @@ def _with_static_inputs(proto, shapes):
     return proto
 
 
+def is_torch_module(model) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return isinstance(model, torch.nn.Module)
+
+
 def import_model(model, example_input=None, via: str = "torch.export") -> ImportedModel:
     """Import a torch module (``via`` ``"torch.export"`` or ``"onnx"``) or an ONNX model.
 
@@ -238,13 +246,7 @@ def import_model(model, example_input=None, via: str = "torch.export") -> Import
     """
     if via not in VIA:
         raise ValueError(f"via={via!r}; allowed: {VIA}")
-    try:
-        import torch
-
-        is_torch = isinstance(model, torch.nn.Module)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        is_torch = False
-    if is_torch:
+    if is_torch_module(model):
         if example_input is None:
             raise ValueError("a torch model needs example_input (a tensor of the input shape)")
         if via == "torch.export":

@@ -254,6 +254,12 @@ def weight_input_channels(weight_shape: tuple[int, ...], groups: int = 1) -> np.
     return (np.arange(o)[:, None] // og) * cg + np.arange(cg)[None, :]
 
 
+def per_weight(values: np.ndarray, weight_shape: tuple[int, ...], groups: int = 1) -> np.ndarray:
+    """Per-input-channel ``values`` broadcast to the weight layout ``(O, C/groups, 1, ...)``."""
+    idx = weight_input_channels(weight_shape, groups)
+    return np.asarray(values)[idx].reshape(idx.shape + (1,) * (len(weight_shape) - 2))
+
+
 # ------------------------------------------------------------------------ requantization
 
 

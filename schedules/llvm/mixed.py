@@ -136,8 +136,8 @@ def mixed_gemm(n, opad, k, ppad, k4, layout):
     return mixed_gemm_op
 
 
-def dequantize(n, o, p, opad, ppad, layout, out_shape):
-    """acc i32 (tile-padded) -> f32 ``out_shape`` = float(acc) * mult[o]."""
+def dequantize(n, o, p, opad, ppad, layout):
+    """acc i32 (tile-padded) -> f32 ``[n, o, p]`` ("OP") or ``[p, o]`` ("PO"): acc * mult[o]."""
 
     if layout == "OP":
         @T.prim_func(private=True, s_tir=True)
@@ -160,7 +160,6 @@ def dequantize(n, o, p, opad, ppad, layout, out_shape):
                     y[q, oc] = T.Cast("float32", acc[0, q, oc]) * mult[oc]
 
         func = dequantize_po
-    del out_shape
     return func
 
 
@@ -225,6 +224,7 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
 
 
 KERNELS = {
+    "gemm_tiles": (TO, TP),
     "im2col": im2col,
     "quantize_rows": quantize_rows,
     "mixed_gemm": mixed_gemm,

@@ -52,11 +52,10 @@ def composite_kind(mod, call) -> tuple[str, relax.Function] | None:
 
 def inner_call(func: relax.Function) -> relax.Call:
     """The conv2d/matmul call inside a composite function."""
-    body = func.body
     for b in bindings(func):
         if isinstance(b.value, relax.Call):
             return b.value
-    return body.body
+    return func.body.body
 
 
 def substitute(expr, vmap: dict):

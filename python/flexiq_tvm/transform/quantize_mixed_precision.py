@@ -87,7 +87,9 @@ class QuantizeMixedPrecision:
     ----------
     plan : QuantPlan
     kernels : dict
-        The target's kernel library (e.g. ``flexiq_tvm.schedules.llvm.KERNELS``).
+        The target's kernel library (e.g. ``flexiq_tvm.schedules.llvm.KERNELS``): kernel
+        generators by name plus ``"gemm_tiles"``, the ``(outputs, positions)`` multiples the
+        GEMM operands are padded to.
     ratios : sequence of float, optional
         Ratios to emit (default: all of the plan's).
     expose_layers : bool
@@ -156,12 +158,8 @@ class QuantizeMixedPrecision:
         gvs, consts = {}, {}
         consts["mult"] = relax.const(layer.mult, "float32")
         consts["sa"] = relax.const(layer.sa, "int32")
-        w4codes = ref.extract_bits(
-            layer.codes.astype(np.int32),
-            layer.sw.reshape((1, -1) + (1,) * (layer.codes.ndim - 2)) if not layer.grouped
-            else layer.sw[ref.weight_input_channels(lp.weight_shape, lp.groups)].reshape(
-                ref.weight_input_channels(lp.weight_shape, lp.groups).shape
-                + (1,) * (layer.codes.ndim - 2)), True)
+        w4codes = ref.extract_bits(layer.codes.astype(np.int32),
+                                   ref.per_weight(layer.sw, lp.weight_shape, lp.groups), True)
         if kind == g.CONV and layer.grouped:
             n, c, h, w = layer.x_shape
             a = layer.conv_attrs
@@ -175,7 +173,7 @@ class QuantizeMixedPrecision:
             gvs["conv"] = bb.add_func(k["mixed_grouped_conv"](
                 n, c, hp, wp, o, cg, kh, kw, tuple(int(s) for s in a.strides),
                 tuple(int(d) for d in a.dilation), oh, ow, lp.groups), f"{name}_conv")
-            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP", None),
+            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP"),
                                      f"{name}_dequantize")
             consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
             consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
@@ -184,7 +182,7 @@ class QuantizeMixedPrecision:
             layer.geo = dict(hp=hp, wp=wp, o=o, oh=oh, ow=ow, kk=kh * kw)
             layer.w_bytes = dict(int8=layer.codes.size, int4_packed=consts["w4"].value.numpy().size)
             return gvs, consts, layer
-        to, tp = k["mixed_gemm"].__globals__["TO"], k["mixed_gemm"].__globals__["TP"]
+        to, tp = k["gemm_tiles"]
         o = lp.weight_shape[0]
         opad = _round_up(o, to)
         if kind == g.CONV:
@@ -217,7 +215,7 @@ class QuantizeMixedPrecision:
         layout = "OP" if kind == g.CONV else "PO"
         k4 = layer.n_max * kk
         gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, opad, kdim, ppad, k4, layout), f"{name}_gemm")
-        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout, None),
+        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout),
                                  f"{name}_dequantize")
         w_ko = np.zeros((kdim, opad), np.int8)
         w_ko[:, :o] = layer.codes.reshape(o, kdim).T

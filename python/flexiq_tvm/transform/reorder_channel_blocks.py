@@ -38,7 +38,7 @@ BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "rela
 POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"}
 
 
-def desired_order(lp, signed_shift: bool = True) -> np.ndarray:
+def desired_order(lp) -> np.ndarray:
     """The input-channel order a layer wants: for each ratio increment of the nested low sets,
     its channels grouped by shift (then by index); the 8-bit channels last, by index."""
     shift = lp.act_shift.astype(np.int32) + lp.w_shift.astype(np.int32)
@@ -97,10 +97,6 @@ class _Spaces:
         return self.find(v) in self.pinned
 
 
-def _channels(v, axis) -> int | None:
-    return None if axis is None else g.shape_of(v)[axis]
-
-
 def _reshape_axis(in_shape, axis, out_shape) -> int | None:
     before = int(np.prod(in_shape[:axis]))
     c = in_shape[axis]
@@ -130,13 +126,12 @@ class ReorderChannelBlocks:
         func = mod[self.func_name]
         sp = _Spaces()
         const_perm: dict = {}  # (binding var, arg index) -> (space member, axis, role)
-        consumers: list = []  # (binding var, input var, layer plan, composite gv)
-        producers: list = []  # (binding var, out axis role)
+        consumers: list = []  # (binding var, input var, layer plan)
         for p in func.params:
             if g.is_tensor(p):
                 sp.add(p, None)
         for b in g.bindings(func):
-            self._visit(mod, b.var, b.value, sp, const_perm, consumers, producers)
+            self._visit(mod, b.var, b.value, sp, const_perm, consumers)
         # outputs are pinned
         for v in _vars_in(func.body.body):
             sp.pin(v)
@@ -144,7 +139,7 @@ class ReorderChannelBlocks:
         # choose one permutation per free space
         space_perm: dict = {}
         by_space: dict = {}
-        for bvar, xin, lp, _ in consumers:
+        for bvar, xin, lp in consumers:
             by_space.setdefault(sp.find(xin), []).append((bvar, xin, lp))
         for root, cons in by_space.items():
             if sp.is_pinned(root):
@@ -162,7 +157,7 @@ class ReorderChannelBlocks:
 
         gathers: dict = {}
         layer_in: dict = {}
-        for bvar, xin, lp, _ in consumers:
+        for bvar, xin, lp in consumers:
             cur = perm_of(xin)
             cur_arr = np.arange(lp.in_channels) if cur is None else cur
             if satisfies(cur_arr, lp):
@@ -217,7 +212,7 @@ class ReorderChannelBlocks:
         return relax.transform.Normalize()(g.rebuild(mod, self.func_name, visit))
 
     # ------------------------------------------------------------------ graph analysis
-    def _visit(self, mod, var, value, sp, const_perm, consumers, producers) -> None:
+    def _visit(self, mod, var, value, sp, const_perm, consumers) -> None:
         if not g.is_tensor(var):
             for u in _vars_in(value):
                 sp.pin(u)
@@ -236,12 +231,12 @@ class ReorderChannelBlocks:
                 sp.pin(xin)
                 sp.add(var, None)
                 return
-            consumers.append((var, xin, lp, value.op))
+            consumers.append((var, xin, lp))
             sp.add(var, out_axis)
             const_perm[(var, 1)] = (xin, 1 if kind == g.CONV else 0, "in")
-            # output permutation of the weight is applied by QuantizeMixedPrecision through
-            # out_perm; the FP32 weight constant is permuted on both sides here
-            self._out_weight(var, value, kind, const_perm)
+            # QuantizeMixedPrecision permutes the plan's codes by in_perm / out_perm; the FP32
+            # weight constant is permuted on both sides here too
+            self._out_weight(var, kind, const_perm)
             return
         if op == "relax.nn.conv2d" and g.const_np(value.args[1]) is not None:
             groups = int(value.attrs.groups)
@@ -249,7 +244,7 @@ class ReorderChannelBlocks:
             if groups == 1:
                 sp.add(var, 1)
                 const_perm[(var, 1)] = (value.args[0], 1, "in")
-                self._out_weight(var, value, g.CONV, const_perm)
+                self._out_weight(var, g.CONV, const_perm)
                 return
             if w.shape[1] == 1 and groups == w.shape[0]:  # depthwise: passes the order through
                 sp.add(var, 1)
@@ -260,7 +255,7 @@ class ReorderChannelBlocks:
                 and g.const_np(value.args[1]).ndim == 2 and g.is_tensor(value.args[0]):
             sp.add(var, rank - 1)
             const_perm[(var, 1)] = (value.args[0], 0, "in")
-            self._out_weight(var, value, g.LINEAR, const_perm)
+            self._out_weight(var, g.LINEAR, const_perm)
             return
         x0 = value.args[0] if isinstance(value, relax.Call) and value.args else None
         ax0 = sp.axis.get(x0) if x0 is not None and x0 in sp.parent else None
@@ -305,16 +300,13 @@ class ReorderChannelBlocks:
         if op == "relax.concat" and isinstance(value.args[0], relax.Tuple):
             fields = value.args[0].fields
             cat = int(value.attrs.axis) % rank
-            vs = [f for f in fields if f in sp.parent]
-            if vs and all(sp.axis.get(f) not in (None, cat) for f in vs) and \
-                    len({sp.axis[f] for f in vs}) == 1 and \
-                    all(g.const_np(f) is not None or f in sp.parent for f in fields):
-                sp.add(var, sp.axis[vs[0]])
-                for f in vs:
+            # joins spaces when every field is a tensor with the same channel axis (not the
+            # concat axis); constant fields (class tokens) fall through and pin
+            axes = {sp.axis.get(f) if f in sp.parent else None for f in fields}
+            if len(axes) == 1 and None not in axes and cat not in axes:
+                sp.add(var, axes.pop())
+                for f in fields:
                     sp.union(f, var)
-                # constant fields of a concat are rare (class tokens); pin instead of permuting
-                if any(g.const_np(f) is not None for f in fields):
-                    sp.pin(var)
                 return
         for u in _vars_in(value):
             sp.pin(u)
@@ -348,11 +340,8 @@ class ReorderChannelBlocks:
             sp.union(a, var)
 
     @staticmethod
-    def _out_weight(var, value, kind, const_perm) -> None:
-        """Record that the weight's output axis follows ``var``'s space (both sides apply)."""
-        key = (var, 1)
-        member_in, axis_in, _ = const_perm[key]
-        const_perm[key] = (member_in, axis_in, "in")
+    def _out_weight(var, kind, const_perm) -> None:
+        """Record that the weight's output axis follows ``var``'s space."""
         const_perm[(var, "out")] = (var, 0 if kind == g.CONV else 1, "out")
 
 
