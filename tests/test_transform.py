@@ -222,15 +222,21 @@ def test_compiled_layers_are_bit_exact_with_the_oracle(cls, shape):
             assert flexiq_tvm.api.oracle_mismatches(cm, calib[i : i + 1], r) == []
 
 
-def test_linear_weights_pack_two_nibbles_per_byte():
-    from flexiq_tvm.transform.quantize_mixed_precision import pack_int4_blocks, pack_int4_flat
+def test_gemm_weights_pack_two_nibbles_per_byte_in_pair_order():
+    from flexiq_tvm.transform.quantize_mixed_precision import (
+        interleave_pairs, pack_int4_blocks, pack_int4_flat)
 
-    codes = np.arange(-8, 8).reshape(1, 16).repeat(2, 0)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-8, 8, size=(4, 32))  # K=4 rows, O=32 outputs (two blocks of 16)
     packed = pack_int4_blocks(codes, 16)
-    assert packed.shape == (2, 8) and packed.dtype == np.uint8
-    lo = (packed & 15).astype(np.int32)
-    hi = (packed >> 4).astype(np.int32)
-    np.testing.assert_array_equal(np.concatenate([(lo ^ 8) - 8, (hi ^ 8) - 8], 1), codes)
+    assert packed.shape == (2, 2, 16) and packed.dtype == np.uint8
+    lo = ((packed & 15).astype(np.int32) ^ 8) - 8
+    hi = ((packed >> 4).astype(np.int32) ^ 8) - 8
+    e = np.concatenate([lo, hi], 2)  # [row pair, block, 32 interleaved elements]
+    for kp, ob, j in np.ndindex(e.shape):
+        assert e[kp, ob, j] == codes[2 * kp + j % 2, 16 * ob + j // 2]
+    pairs = interleave_pairs(codes)
+    assert pairs.shape == (2, 64) and pairs[1, 2 * 5 + 1] == codes[3, 5]
     flat = pack_int4_flat(np.array([-8, 7, 3]))
     assert flat.tolist() == [0x78, 0x03]
 

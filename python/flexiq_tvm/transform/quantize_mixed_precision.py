@@ -7,8 +7,8 @@ plan's INT8 codes, permuted by the composite's ``flexiq.in_perm`` / ``flexiq.out
 * GEMM conv: ``quantize_padded -> im2col -> mixed_gemm -> dequantize``; linear:
   ``quantize_rows -> mixed_gemm -> dequantize``; grouped/depthwise conv:
   ``quantize_padded -> mixed_grouped_conv -> dequantize``.
-* Weights are quantized, reordered and packed once at compile time (INT8 ``[K, O]`` plus the
-  4-bit codes of the largest ratio's low block, two per byte) and every ratio variant calls the
+* Weights are quantized, reordered and packed once at compile time (INT8 in ``vpmaddwd``
+  row-pair order plus the 4-bit codes of the largest ratio's low block, two per byte) and every ratio variant calls the
   same kernels with the same constants: a variant differs only in the ``n_low`` scalars.
 
 The kernels come from a target's kernel library (``flexiq_tvm.schedules.<target>``), so the
@@ -38,12 +38,21 @@ def _round_up(v: int, m: int) -> int:
 
 
 def pack_int4_blocks(codes: np.ndarray, to: int) -> np.ndarray:
-    """4-bit codes ``[K, O]`` (O a multiple of ``to``) -> uint8 ``[K, O // 2]``: in each block
-    of ``to`` outputs, byte ``j`` holds output ``j`` (low nibble) and ``j + to/2`` (high)."""
+    """4-bit codes ``[K, O]`` (K even, O a multiple of ``to``) -> uint8
+    ``[K/2, O/to, to]``: per row pair and block of ``to`` outputs the ``2*to`` codes in
+    interleaved order ``e = 2*output + (row % 2)``; byte ``j`` holds ``e = j`` in its low nibble
+    and ``e = j + to`` in its high nibble."""
     k, o = codes.shape
-    nib = (codes.astype(np.int32) & 15).astype(np.uint8).reshape(k, o // to, to)
-    half = to // 2
-    return (nib[:, :, :half] | (nib[:, :, half:] << 4)).reshape(k, o // 2)
+    nib = (codes.astype(np.int32) & 15).astype(np.uint8)
+    e = interleave_pairs(nib).reshape(k // 2, o // to, 2 * to)
+    return e[:, :, :to] | (e[:, :, to:] << 4)
+
+
+def interleave_pairs(w: np.ndarray) -> np.ndarray:
+    """``[K, O]`` (K even) -> ``[K/2, 2*O]``: row pairs interleaved per output, the operand
+    order of ``vpmaddwd`` (element ``2*o + r`` of pair ``kp`` is ``w[2*kp + r, o]``)."""
+    k, o = w.shape
+    return w.reshape(k // 2, 2, o).transpose(0, 2, 1).reshape(k // 2, 2 * o)
 
 
 def pack_int4_flat(codes: np.ndarray) -> np.ndarray:
@@ -158,6 +167,7 @@ class QuantizeMixedPrecision:
         gvs, consts = {}, {}
         consts["mult"] = relax.const(layer.mult, "float32")
         consts["sa"] = relax.const(layer.sa, "int32")
+        consts["st"] = relax.const((layer.sa + layer.sw).astype(np.int32), "int32")
         w4codes = ref.extract_bits(layer.codes.astype(np.int32),
                                    ref.per_weight(layer.sw, lp.weight_shape, lp.groups), True)
         if kind == g.CONV and layer.grouped:
@@ -177,7 +187,6 @@ class QuantizeMixedPrecision:
                                      f"{name}_dequantize")
             consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
             consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
-            consts["shift"] = relax.const((layer.sa + layer.sw).astype(np.int32), "int32")
             consts["rank"] = relax.const(layer.rank, "int32")
             layer.geo = dict(hp=hp, wp=wp, o=o, oh=oh, ow=ow, kk=kh * kw)
             layer.w_bytes = dict(int8=layer.codes.size, int4_packed=consts["w4"].value.numpy().size)
@@ -199,7 +208,8 @@ class QuantizeMixedPrecision:
                                    f"{name}_quantize")
             gvs["im2col"] = bb.add_func(k["im2col"](
                 n, c, hp, wp, kh, kw, tuple(int(s) for s in a.strides),
-                tuple(int(d) for d in a.dilation), oh, ow, _round_up(p, tp)), f"{name}_im2col")
+                tuple(int(d) for d in a.dilation), oh, ow, _round_up(p, tp),
+                _round_up(c * kh * kw, 2)), f"{name}_im2col")
             layer.geo = dict(n=n, c=c, hp=hp, wp=wp, p=p, ppad=_round_up(p, tp), oh=oh, ow=ow)
         else:
             c = layer.x_shape[-1]
@@ -207,7 +217,8 @@ class QuantizeMixedPrecision:
             kk = 1
             n = 1
             p = m
-            gvs["q"] = bb.add_func(k["quantize_rows"](m, c, _round_up(m, tp), inv, signed),
+            gvs["q"] = bb.add_func(k["quantize_rows"](m, c, _round_up(m, tp), _round_up(c, 2),
+                                                      inv, signed),
                                    f"{name}_quantize")
             layer.geo = dict(n=1, m=m, p=m, ppad=_round_up(m, tp))
         kdim = c * kk
@@ -217,16 +228,16 @@ class QuantizeMixedPrecision:
         gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, opad, kdim, ppad, k4, layout), f"{name}_gemm")
         gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout),
                                  f"{name}_dequantize")
-        w_ko = np.zeros((kdim, opad), np.int8)
-        w_ko[:, :o] = layer.codes.reshape(o, kdim).T
-        w4 = np.zeros((max(k4, 1), opad), np.int32)
+        kpad = _round_up(kdim, 2)
+        w_ko = np.zeros((kpad, opad), np.int8)
+        w_ko[:kdim, :o] = layer.codes.reshape(o, kdim).T
+        w4 = np.zeros((max(_round_up(k4, 2), 2), opad), np.int32)
         if k4:
             w4[:k4, :o] = w4codes.reshape(o, kdim)[:, :k4].T
-        consts["w8"] = relax.const(w_ko, "int8")
+        consts["w8"] = relax.const(interleave_pairs(w_ko), "int8")
         consts["w4"] = relax.const(pack_int4_blocks(w4, to), "uint8")
-        consts["shift"] = relax.const(np.repeat(layer.sa + layer.sw, kk).astype(np.int32), "int32")
         consts["rank"] = relax.const(np.arange(c, dtype=np.int32), "int32")
-        layer.geo.update(o=o, opad=opad, kk=kk)
+        layer.geo.update(o=o, opad=opad, kk=kk, kpad=kpad)
         layer.w_bytes = dict(int8=int(o * kdim), int4_packed=int(k4 * opad // 2) if k4 else 0)
         return gvs, consts, layer
 
@@ -235,10 +246,11 @@ class QuantizeMixedPrecision:
         nl = tvm.tirx.IntImm("int32", n_low)
         if kind == g.CONV and layer.grouped:
             n, c = layer.x_shape[:2]
-            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["rank"], nl),
+            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], consts["rank"],
+                                                  nl),
                                        relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
             acc = bb.emit(relax.call_tir(
-                gvs["conv"], (q, consts["w8"], consts["w4"], consts["shift"], consts["rank"], nl),
+                gvs["conv"], (q, consts["w8"], consts["w4"], consts["rank"], nl),
                 relax.TensorType((n, geo["o"], geo["oh"], geo["ow"]), "int32")))
             acc3 = bb.emit(relax.op.reshape(acc, (n, geo["o"], geo["oh"] * geo["ow"])))
             y = bb.emit(relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
@@ -248,22 +260,23 @@ class QuantizeMixedPrecision:
         nk = tvm.tirx.IntImm("int32", n_low * geo["kk"])
         if kind == g.CONV:
             n, c = geo["n"], geo["c"]
-            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["rank"], nl),
+            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], consts["rank"],
+                                                  nl),
                                        relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
             col = bb.emit(relax.call_tir(gvs["im2col"], (q,), relax.TensorType(
-                (n, c * geo["kk"], geo["ppad"]), "int16")))
+                (n, geo["ppad"], geo["kpad"]), "int16")))
             acc = bb.emit(relax.call_tir(
-                gvs["gemm"], (col, consts["w8"], consts["w4"], consts["shift"], nk),
+                gvs["gemm"], (col, consts["w8"], consts["w4"], nk),
                 relax.TensorType((n, geo["opad"], geo["ppad"]), "int32")))
             y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]), relax.TensorType(
                 (n, geo["o"], geo["p"]), "float32")))
             return relax.op.reshape(y, layer.y_shape), acc
         c = layer.x_shape[-1]
         x2 = bb.emit(relax.op.reshape(x, (geo["m"], c)))
-        col = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], nl),
-                                     relax.TensorType((1, c, geo["ppad"]), "int16")))
+        col = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], consts["st"], nl),
+                                     relax.TensorType((1, geo["ppad"], geo["kpad"]), "int16")))
         acc = bb.emit(relax.call_tir(
-            gvs["gemm"], (col, consts["w8"], consts["w4"], consts["shift"], nk),
+            gvs["gemm"], (col, consts["w8"], consts["w4"], nk),
             relax.TensorType((1, geo["ppad"], geo["opad"]), "int32")))
         y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]),
                                    relax.TensorType((geo["m"], geo["o"]), "float32")))
