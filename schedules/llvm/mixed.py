@@ -45,52 +45,51 @@ def _act_bounds(signed: bool) -> tuple[int, int, int, int]:
     return (-127, 127, -8, 7) if signed else (0, 255, 0, 15)
 
 
-def im2col(n, c, hp, wp, kh, kw, stride, dil, oh, ow, ppad, kpad):
-    """Padded codes i16[n,c,hp,wp] -> col i16[n, ppad, kpad]: row ``p`` holds position ``p``'s
-    receptive field in ``(channel, ky, kx)`` order; zero beyond ``c*kh*kw`` and beyond P."""
-    sh, sw = stride
-    dh, dw = dil
-    kk = kh * kw
-    kdim = c * kk
-    p_real = oh * ow
-
-    @T.prim_func(private=True, s_tir=True)
-    def im2col(q: T.Buffer((n, c, hp, wp), "int16"), col: T.Buffer((n, ppad, kpad), "int16")):
-        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-        with T.sblock("root"):
-            for by in T.parallel(n * oh):
-                for x in range(ow):
-                    for ci, r in T.grid(c, kk):
-                        col[by // oh, (by % oh) * ow + x, ci * kk + r] = q[
-                            by // oh, ci, (by % oh) * sh + (r // kw) * dh, x * sw + (r % kw) * dw]
-                    for kq in range(kpad - kdim):
-                        col[by // oh, (by % oh) * ow + x, kdim + kq] = T.int16(0)
-            for b, pq, kq in T.grid(n, ppad - p_real, kpad):
-                col[b, p_real + pq, kq] = T.int16(0)
-
-    return im2col
-
-
-def quantize_rows(m, k, mpad, kpad, inv, signed):
-    """x f32[m,k] -> col i16[1, mpad, kpad] (GEMM rows; zero padding), channels < n_low as
-    shifted 4-bit codes ``extract(q, sa) << st``."""
+def quantize_rows(m, k, kpad, inv, signed):
+    """x f32[m,k] -> q i16[1, 1, m, kpad]: the GEMM's rows (a linear layer is a 1x1 conv over
+    ``m`` positions), zero beyond ``k``; channels < n_low as shifted 4-bit codes."""
     lo, hi, lo4, hi4 = _act_bounds(signed)
 
     @T.prim_func(private=True, s_tir=True)
     def quantize_rows(x: T.Buffer((m, k), "float32"), sa: T.Buffer((k,), "int32"),
                       st: T.Buffer((k,), "int32"), n_low: T.int32,
-                      col: T.Buffer((1, mpad, kpad), "int16")):
+                      q: T.Buffer((1, 1, m, kpad), "int16")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
-            for p in T.parallel(mpad):
-                for ci in range(kpad):
-                    col[0, p, ci] = T.int16(0)
-                if p < m:
-                    for ci in range(k):
-                        col[0, p, ci] = T.Cast("int16", _code(
-                            x[p, ci], inv, lo, hi, lo4, hi4, sa[ci], st[ci], ci < n_low))
+            for p in T.parallel(m):
+                for ci in range(k):
+                    q[0, 0, p, ci] = T.Cast("int16", _code(
+                        x[p, ci], inv, lo, hi, lo4, hi4, sa[ci], st[ci], ci < n_low))
+                for ci in range(kpad - k):
+                    q[0, 0, p, k + ci] = T.int16(0)
 
     return quantize_rows
+
+
+def quantize_nhwc(n, c, h, w, pad, cpad, inv, signed):
+    """x f32[n,c,h,w] -> q i16[n, h+pt+pb, w+pl+pr, cpad] (channels last, zero border and zero
+    channels beyond ``c``); channels < n_low as shifted 4-bit codes (the GEMM conv's low block
+    is the reordered channel prefix)."""
+    lo, hi, lo4, hi4 = _act_bounds(signed)
+    pt, pb, pl, pr = pad
+    hp, wp = h + pt + pb, w + pl + pr
+
+    @T.prim_func(private=True, s_tir=True)
+    def quantize_nhwc(x: T.Buffer((n, c, h, w), "float32"), sa: T.Buffer((c,), "int32"),
+                      st: T.Buffer((c,), "int32"), n_low: T.int32,
+                      q: T.Buffer((n, hp, wp, cpad), "int16")):
+        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            for by in T.parallel(n * hp):
+                for ix, ci in T.grid(wp, cpad):
+                    q[by // hp, by % hp, ix, ci] = T.int16(0)
+                if by % hp >= pt and by % hp < pt + h:
+                    for ci, ix in T.grid(c, w):
+                        q[by // hp, by % hp, ix + pl, ci] = T.Cast("int16", _code(
+                            x[by // hp, ci, by % hp - pt, ix], inv, lo, hi, lo4, hi4, sa[ci],
+                            st[ci], ci < n_low))
+
+    return quantize_nhwc
 
 
 def _code(v, inv, lo, hi, lo4, hi4, s, st, low):
@@ -116,76 +115,93 @@ def gemm_chunks(nob: int, npb: int, tasks: int = 8) -> int:
     return -(-npb // nchunk)
 
 
-def mixed_gemm(n, opad, k, ppad, k4, layout):
-    """col i16[n,ppad,kpad] x weights -> acc i32[n,opad,ppad] ("OP") or [n,ppad,opad] ("PO").
+def mixed_gemm(n, hp, wp, cpad, kh, kw, stride, dil, oh, ow, opad, c4, layout):
+    """Implicit-GEMM conv (a linear layer is the 1x1 case) over channels-last codes
+    q i16[n,hp,wp,cpad] -> acc i32[n,opad,ppad] ("OP") or [n,ppad,opad] ("PO"),
+    ``ppad = round_up(oh*ow, TP)`` (padding positions repeat the last one).
 
-    ``acc[o, p] = sum_k col[p, k] * w[k, o]`` where ``w`` is the raw 4-bit weight for rows
-    ``k < nk`` (the activation codes of those rows are pre-shifted) and the INT8 weight for the
-    others. Weights: ``w8`` int8 ``[kpad/2, opad, 2]`` (row pairs interleaved, as ``vpmaddwd``
-    reads them) and ``w4`` uint8 ``[k4pad/2, opad/16, 16]`` (per row pair and 16 outputs, 32
-    nibbles in the same interleaved order, byte ``j`` holding element ``j`` and ``j + 16``).
-    Each task widens one 16-output panel to int16 once (choosing 4- or 8-bit per row), then
-    runs ``TP x 16`` register tiles of ``vpmaddwd`` over its positions.
+    ``acc[o, p] = sum_{ky,kx,c} q[y(p)+ky, x(p)+kx, c] * w[ky,kx,c,o]``, ``w`` the raw 4-bit
+    weight for channels ``c < n_low`` (their activation codes come pre-shifted) and the INT8
+    weight for the rest. Rows ``k = (ky*kw + kx)*cpad + c``; weights ``w8`` int8
+    ``[kh*kw*cpad/2, 2*opad]`` (row pairs interleaved per output, as ``vpmaddwd`` reads them)
+    and ``w4`` uint8 ``[kh*kw*c4pad/2, opad/16, 16]`` (per row pair and 16 outputs, the 32
+    nibbles in the same order; byte ``j`` holds element ``j`` and ``j + 16``), ``c4pad`` the
+    largest low block rounded up to even. Each parallel task widens one 16-output weight panel
+    to int16 once (4- or 8-bit per row pair for this call's ``n_low``), then runs register
+    tiles of ``TP`` positions x 16 outputs, two ``vpmaddwd`` per position and row pair.
     """
-    if opad % TO or ppad % TP:
-        raise ValueError(f"mixed_gemm: opad={opad} must be a multiple of {TO}, ppad={ppad} of {TP}")
+    if opad % TO or cpad % 2:
+        raise ValueError(f"mixed_gemm: opad={opad} must be a multiple of {TO}, cpad={cpad} even")
+    sh, sw = stride
+    dh, dw = dil
+    kk = kh * kw
+    ch = cpad // 2
+    c4h = max(_round_up(c4, 2) // 2, 1)
+    p_real = oh * ow
+    ppad = _round_up(p_real, TP)
     nob, npb = opad // TO, ppad // TP
-    kpad = _round_up(k, 2)
-    kh2 = kpad // 2
-    k4h = max(_round_up(k4, 2) // 2, 1)
     ppc = gemm_chunks(nob, npb)
     nchunk = -(-npb // ppc)
     out_shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
 
     @T.prim_func(private=True, s_tir=True)
-    def mixed_gemm(col: T.Buffer((n, ppad, kpad), "int16"), w8: T.Buffer((kh2, 2 * opad), "int8"),
-                   w4: T.Buffer((k4h, nob, 16), "uint8"), nk: T.int32,
+    def mixed_gemm(q: T.Buffer((n, hp, wp, cpad), "int16"),
+                   w8: T.Buffer((kk * ch, 2 * opad), "int8"),
+                   w4: T.Buffer((kk * c4h, nob, 16), "uint8"), n_low: T.int32,
                    acc: T.Buffer(out_shape, "int32")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            qf = T.decl_buffer((n * hp * wp * cpad,), "int16", data=q.data)
             for b in range(n):
                 for t in T.parallel(nob * nchunk):
-                    panel = T.alloc_buffer((kh2, 2 * TO), "int16")
+                    panel = T.alloc_buffer((kk * ch, 2 * TO), "int16")
                     accl = T.alloc_buffer((TP, TO), "int32", scope="local")
-                    for kp in range(kh2):
-                        if 2 * kp + 1 < nk:
+                    base = T.alloc_buffer((TP,), "int32", scope="local")
+                    for r, cp in T.grid(kk, ch):
+                        if 2 * cp + 1 < n_low:
                             for j in T.vectorized(16):
-                                panel[kp, j] = T.Cast("int16", T.bitwise_xor(T.bitwise_and(
-                                    T.Cast("int32", w4[kp, t // nchunk, j]), 15), 8) - 8)
+                                panel[r * ch + cp, j] = T.Cast("int16", T.bitwise_xor(
+                                    T.bitwise_and(T.Cast("int32", w4[r * c4h + cp, t // nchunk, j]),
+                                                  15), 8) - 8)
                             for j in T.vectorized(16):
-                                panel[kp, j + 16] = T.Cast("int16", T.bitwise_xor(T.shift_right(
-                                    T.Cast("int32", w4[kp, t // nchunk, j]), 4), 8) - 8)
-                        elif 2 * kp >= nk:
+                                panel[r * ch + cp, j + 16] = T.Cast("int16", T.bitwise_xor(
+                                    T.shift_right(T.Cast("int32", w4[r * c4h + cp, t // nchunk, j]),
+                                                  4), 8) - 8)
+                        elif 2 * cp >= n_low:
                             for j in T.vectorized(2 * TO):
-                                panel[kp, j] = T.Cast("int16", w8[kp, (t // nchunk) * 2 * TO + j])
-                        else:
+                                panel[r * ch + cp, j] = T.Cast(
+                                    "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
+                        else:  # the pair straddles the boundary: even row 4-bit, odd row 8-bit
                             for j in range(2 * TO):
                                 if j % 2 == 0:
-                                    panel[kp, j] = T.Cast("int16", T.bitwise_xor(T.bitwise_and(
-                                        T.shift_right(T.Cast("int32", w4[kp, t // nchunk, j % 16]),
-                                                      (j // 16) * 4), 15), 8) - 8)
+                                    panel[r * ch + cp, j] = T.Cast("int16", T.bitwise_xor(
+                                        T.bitwise_and(T.shift_right(T.Cast(
+                                            "int32", w4[r * c4h + cp, t // nchunk, j % 16]),
+                                            (j // 16) * 4), 15), 8) - 8)
                                 else:
-                                    panel[kp, j] = T.Cast("int16",
-                                                          w8[kp, (t // nchunk) * 2 * TO + j])
+                                    panel[r * ch + cp, j] = T.Cast(
+                                        "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
                     for pt in range(ppc):
                         if (t % nchunk) * ppc + pt < npb:
                             for pi in T.unroll(TP):
+                                base[pi] = (((b * hp + T.min(
+                                    ((t % nchunk) * ppc + pt) * TP + pi, p_real - 1) // ow * sh)
+                                    * wp) + T.min(((t % nchunk) * ppc + pt) * TP + pi,
+                                                  p_real - 1) % ow * sw) * cpad
                                 for oi in T.vectorized(TO):
                                     accl[pi, oi] = 0
-                            for kp in range(kh2):
+                            for ry, rx, cp in T.grid(kh, kw, ch):
                                 for pi in T.unroll(TP):
                                     accl[pi, T.ramp(0, 1, 8)] = accl[pi, T.ramp(0, 1, 8)] + _pmadd(
-                                        T.reinterpret(T.broadcast(T.reinterpret(col[
-                                            b, ((t % nchunk) * ppc + pt) * TP + pi,
-                                            T.ramp(2 * kp, 1, 2)], dtype="int32"), 8),
-                                            dtype="int16x16"),
-                                        panel[kp, T.ramp(0, 1, 16)])
+                                        T.reinterpret(T.broadcast(T.reinterpret(qf[T.ramp(
+                                            base[pi] + (ry * dh * wp + rx * dw) * cpad + 2 * cp,
+                                            1, 2)], dtype="int32"), 8), dtype="int16x16"),
+                                        panel[(ry * kw + rx) * ch + cp, T.ramp(0, 1, 16)])
                                     accl[pi, T.ramp(8, 1, 8)] = accl[pi, T.ramp(8, 1, 8)] + _pmadd(
-                                        T.reinterpret(T.broadcast(T.reinterpret(col[
-                                            b, ((t % nchunk) * ppc + pt) * TP + pi,
-                                            T.ramp(2 * kp, 1, 2)], dtype="int32"), 8),
-                                            dtype="int16x16"),
-                                        panel[kp, T.ramp(16, 1, 16)])
+                                        T.reinterpret(T.broadcast(T.reinterpret(qf[T.ramp(
+                                            base[pi] + (ry * dh * wp + rx * dw) * cpad + 2 * cp,
+                                            1, 2)], dtype="int32"), 8), dtype="int16x16"),
+                                        panel[(ry * kw + rx) * ch + cp, T.ramp(16, 1, 16)])
                             if layout == "OP":
                                 for oi in range(TO):
                                     for pi in T.unroll(TP):
@@ -286,7 +302,7 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
 
 KERNELS = {
     "gemm_tiles": (TO, TP),
-    "im2col": im2col,
+    "quantize_nhwc": quantize_nhwc,
     "quantize_rows": quantize_rows,
     "mixed_gemm": mixed_gemm,
     "dequantize": dequantize,

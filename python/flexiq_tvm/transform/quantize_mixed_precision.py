@@ -4,12 +4,13 @@ and emit one entry function per ratio (``main_r000``, ``main_r050``, ...).
 Runs after :class:`ReorderChannelBlocks`. Per covered layer, from the plan (weights are the
 plan's INT8 codes, permuted by the composite's ``flexiq.in_perm`` / ``flexiq.out_perm``):
 
-* GEMM conv: ``quantize_padded -> im2col -> mixed_gemm -> dequantize``; linear:
-  ``quantize_rows -> mixed_gemm -> dequantize``; grouped/depthwise conv:
+* GEMM conv: ``quantize_nhwc -> mixed_gemm (implicit GEMM) -> dequantize``; linear (a 1x1
+  conv over its rows): ``quantize_rows -> mixed_gemm -> dequantize``; grouped/depthwise conv:
   ``quantize_padded -> mixed_grouped_conv -> dequantize``.
-* Weights are quantized, reordered and packed once at compile time (INT8 in ``vpmaddwd``
-  row-pair order plus the 4-bit codes of the largest ratio's low block, two per byte) and every ratio variant calls the
-  same kernels with the same constants: a variant differs only in the ``n_low`` scalars.
+* Weights are quantized, reordered and packed once at compile time (INT8 in the kernel's
+  row-pair order plus the 4-bit codes of the largest ratio's low block, two per byte) and
+  every ratio variant calls the same kernels with the same constants: a variant differs only
+  in the ``n_low`` scalars.
 
 The kernels come from a target's kernel library (``flexiq_tvm.schedules.<target>``), so the
 pass itself is target-independent. ``expose_layers=True`` makes each variant also return every
@@ -201,44 +202,41 @@ class QuantizeMixedPrecision:
             pad4 = (pad[0], pad[2], pad[1], pad[3])
             _, _, kh, kw = lp.weight_shape
             oh, ow = layer.y_shape[2], layer.y_shape[3]
-            p = oh * ow
             hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
-            kk = kh * kw
-            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed),
+            stride = tuple(int(v) for v in a.strides)
+            dil = tuple(int(v) for v in a.dilation)
+            cpad = _round_up(c, 2)
+            gvs["q"] = bb.add_func(k["quantize_nhwc"](n, c, h, w, pad4, cpad, inv, signed),
                                    f"{name}_quantize")
-            gvs["im2col"] = bb.add_func(k["im2col"](
-                n, c, hp, wp, kh, kw, tuple(int(s) for s in a.strides),
-                tuple(int(d) for d in a.dilation), oh, ow, _round_up(p, tp),
-                _round_up(c * kh * kw, 2)), f"{name}_im2col")
-            layer.geo = dict(n=n, c=c, hp=hp, wp=wp, p=p, ppad=_round_up(p, tp), oh=oh, ow=ow)
-        else:
+        else:  # a linear layer: a 1x1 conv over the m rows
             c = layer.x_shape[-1]
-            m = int(np.prod(layer.x_shape[:-1]))
-            kk = 1
-            n = 1
-            p = m
-            gvs["q"] = bb.add_func(k["quantize_rows"](m, c, _round_up(m, tp), _round_up(c, 2),
-                                                      inv, signed),
+            n, kh, kw, stride, dil = 1, 1, 1, (1, 1), (1, 1)
+            oh, ow = 1, int(np.prod(layer.x_shape[:-1]))
+            hp, wp = 1, ow
+            cpad = _round_up(c, 2)
+            gvs["q"] = bb.add_func(k["quantize_rows"](ow, c, cpad, inv, signed),
                                    f"{name}_quantize")
-            layer.geo = dict(n=1, m=m, p=m, ppad=_round_up(m, tp))
-        kdim = c * kk
-        ppad = layer.geo["ppad"]
+        kk = kh * kw
+        p = oh * ow
+        ppad = _round_up(p, tp)
+        layer.geo = dict(n=n, c=c, hp=hp, wp=wp, cpad=cpad, p=p, ppad=ppad, oh=oh, ow=ow, o=o,
+                         opad=opad, kk=kk)
         layout = "OP" if kind == g.CONV else "PO"
-        k4 = layer.n_max * kk
-        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, opad, kdim, ppad, k4, layout), f"{name}_gemm")
+        c4 = _round_up(layer.n_max, 2) if layer.n_max else 0
+        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, hp, wp, cpad, kh, kw, stride, dil, oh, ow,
+                                                  opad, c4, layout), f"{name}_gemm")
         gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout),
                                  f"{name}_dequantize")
-        kpad = _round_up(kdim, 2)
-        w_ko = np.zeros((kpad, opad), np.int8)
-        w_ko[:kdim, :o] = layer.codes.reshape(o, kdim).T
-        w4 = np.zeros((max(_round_up(k4, 2), 2), opad), np.int32)
-        if k4:
-            w4[:k4, :o] = w4codes.reshape(o, kdim)[:, :k4].T
-        consts["w8"] = relax.const(interleave_pairs(w_ko), "int8")
-        consts["w4"] = relax.const(pack_int4_blocks(w4, to), "uint8")
-        consts["rank"] = relax.const(np.arange(c, dtype=np.int32), "int32")
-        layer.geo.update(o=o, opad=opad, kk=kk, kpad=kpad)
-        layer.w_bytes = dict(int8=int(o * kdim), int4_packed=int(k4 * opad // 2) if k4 else 0)
+        # rows k = (ky*kw + kx)*cpad + c; the 4-bit block keeps the first c4 channels per tap
+        w_rc = np.zeros((kh, kw, cpad, opad), np.int8)
+        w_rc[:, :, :c, :o] = layer.codes.reshape(o, c, kh, kw).transpose(2, 3, 1, 0)
+        w4 = np.zeros((kh, kw, max(c4, 2), opad), np.int32)
+        w4[:, :, :layer.n_max, :o] = w4codes.reshape(o, c, kh, kw).transpose(
+            2, 3, 1, 0)[:, :, :layer.n_max]
+        consts["w8"] = relax.const(interleave_pairs(w_rc.reshape(kk * cpad, opad)), "int8")
+        consts["w4"] = relax.const(pack_int4_blocks(w4.reshape(-1, opad), to), "uint8")
+        layer.w_bytes = dict(int8=int(o * c * kk),
+                             int4_packed=int(kk * c4 * opad // 2) if c4 else 0)
         return gvs, consts, layer
 
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
@@ -257,27 +255,19 @@ class QuantizeMixedPrecision:
                                        relax.TensorType((n, geo["o"], geo["oh"] * geo["ow"]),
                                                         "float32")))
             return relax.op.reshape(y, layer.y_shape), acc
-        nk = tvm.tirx.IntImm("int32", n_low * geo["kk"])
         if kind == g.CONV:
-            n, c = geo["n"], geo["c"]
-            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], consts["rank"],
-                                                  nl),
-                                       relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
-            col = bb.emit(relax.call_tir(gvs["im2col"], (q,), relax.TensorType(
-                (n, geo["ppad"], geo["kpad"]), "int16")))
-            acc = bb.emit(relax.call_tir(
-                gvs["gemm"], (col, consts["w8"], consts["w4"], nk),
-                relax.TensorType((n, geo["opad"], geo["ppad"]), "int32")))
-            y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]), relax.TensorType(
-                (n, geo["o"], geo["p"]), "float32")))
-            return relax.op.reshape(y, layer.y_shape), acc
-        c = layer.x_shape[-1]
-        x2 = bb.emit(relax.op.reshape(x, (geo["m"], c)))
-        col = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], consts["st"], nl),
-                                     relax.TensorType((1, geo["ppad"], geo["kpad"]), "int16")))
-        acc = bb.emit(relax.call_tir(
-            gvs["gemm"], (col, consts["w8"], consts["w4"], nk),
-            relax.TensorType((1, geo["ppad"], geo["opad"]), "int32")))
+            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], nl),
+                                       relax.TensorType((geo["n"], geo["hp"], geo["wp"],
+                                                         geo["cpad"]), "int16")))
+        else:
+            x2 = bb.emit(relax.op.reshape(x, (geo["p"], geo["c"])))
+            q = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], consts["st"], nl),
+                                       relax.TensorType((1, 1, geo["p"], geo["cpad"]), "int16")))
+        shape = ((geo["n"], geo["opad"], geo["ppad"]) if kind == g.CONV
+                 else (1, geo["ppad"], geo["opad"]))
+        acc = bb.emit(relax.call_tir(gvs["gemm"], (q, consts["w8"], consts["w4"], nl),
+                                     relax.TensorType(shape, "int32")))
+        yshape = (geo["n"], geo["o"], geo["p"]) if kind == g.CONV else (geo["p"], geo["o"])
         y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]),
-                                   relax.TensorType((geo["m"], geo["o"]), "float32")))
+                                   relax.TensorType(yshape, "float32")))
         return relax.op.reshape(y, layer.y_shape), acc
