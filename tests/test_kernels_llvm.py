@@ -98,3 +98,39 @@ def test_quantize_nhwc_layout_codes_and_padding():
     np.testing.assert_array_equal(got[:, 1:, 2:7, :c], want)
     assert not got[:, 0].any() and not got[:, :, :2].any() and not got[:, :, 7:].any()
     assert not got[..., c:].any()
+
+
+def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.script import relax as R
+
+    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
+
+    @tvm.script.ir_module
+    class Chain:  # a BatchNorm affine + residual + ReLU, as between two FlexiQ layers
+        @R.function
+        def main(x: R.Tensor((1, 16, 28, 28), "float32"), r: R.Tensor((1, 16, 28, 28), "float32"),
+                 m: R.Tensor((1, 16, 1, 1), "float32"), s: R.Tensor((1, 16, 1, 1), "float32")):
+            with R.dataflow():
+                a = R.divide(R.subtract(x, m), s)
+                b = R.nn.relu(R.add(R.multiply(a, s), r))
+                R.output(b)
+            return b
+
+    target = tvm.target.Target(frontend.default_llvm_target())
+    with target:
+        fused = tvm.transform.Sequential(cpu.legalize_passes(target))(Chain)
+    scheduled = ScheduleInjective()(fused)
+    names = [gv.name_hint for gv, f in scheduled.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "flexiq.scheduled" in (f.attrs or {})]
+    assert len(names) == 1 and "vectorized" in scheduled[names[0]].script()
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal(s).astype(np.float32) for s in
+            [(1, 16, 28, 28), (1, 16, 28, 28), (1, 16, 1, 1), (1, 16, 1, 1)]]
+    outs = []
+    for pipe in ("default", pipeline(target)):
+        ex = tvm.compile(Chain, target=target, relax_pipeline=pipe)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])

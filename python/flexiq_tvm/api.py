@@ -157,7 +157,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
 
     from . import frontend, transform
     from .quantize import quantize
-    from .schedules.llvm import KERNELS
+    from .schedules.llvm import KERNELS, pipeline
 
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; available: {TARGETS}")
@@ -186,7 +186,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
     mod = qpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target=tvm.target.Target(frontend.default_llvm_target()))
+    tgt = tvm.target.Target(frontend.default_llvm_target())
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
     int8 = int4 = 0

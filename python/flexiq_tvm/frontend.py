@@ -266,8 +266,14 @@ def import_model(model, example_input=None, via: str = "torch.export") -> Import
 def default_llvm_target() -> dict:
     """The llvm target of this machine as a dict (TVM 0.27 rejects option strings).
 
-    On x86-64 the host CPU as LLVM detects it (``-mcpu=native``), so AVX2 / AVX-512 are used
-    where the machine has them; elsewhere LLVM's generic CPU.
+    On x86-64 the host CPU as LLVM detects it (``-mcpu=native``), so AVX2 is used where the
+    machine has it; elsewhere LLVM's generic CPU.
+
+    FMA is switched off (``mattr=-fma``): TVM lets LLVM contract ``a * b + c`` into one fused
+    multiply-add, which rounds once where numpy and torch round twice. The quantizer's
+    ``x * inv + 0.5`` and the FP32 glue must round like the integer oracle and the fake-quant
+    model, so every multiply and add is rounded separately. (On AVX-512 CPUs this also drops
+    AVX-512F, which depends on FMA; the FlexiQ kernels use AVX2.)
     """
     import platform
 
@@ -277,6 +283,7 @@ def default_llvm_target() -> dict:
 
         target["mtriple"] = "x86_64-pc-linux-gnu"
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        target["mattr"] = ["-fma"]
     return target
 
 

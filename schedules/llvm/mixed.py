@@ -216,28 +216,33 @@ def mixed_gemm(n, hp, wp, cpad, kh, kw, stride, dil, oh, ow, opad, c4, layout):
     return mixed_gemm
 
 
-def dequantize(n, o, p, opad, ppad, layout):
-    """acc i32 (tile-padded) -> f32 ``[n, o, p]`` ("OP") or ``[p, o]`` ("PO"): acc * mult[o]."""
+def dequantize(n, o, p, opad, ppad, layout, yshape):
+    """acc i32 (tile-padded ``[n, opad, ppad]`` for "OP", ``[1, ppad, opad]`` for "PO") ->
+    f32 ``acc * mult[o]`` written straight in the layer's output shape ``yshape`` (``[n, o, p]``
+    or ``[p, o]`` in memory order), so no reshape separates it from the FP32 ops after it."""
 
     if layout == "OP":
         @T.prim_func(private=True, s_tir=True)
         def dequantize_op(acc: T.Buffer((n, opad, ppad), "int32"),
-                          mult: T.Buffer((o,), "float32"), y: T.Buffer((n, o, p), "float32")):
+                          mult: T.Buffer((o,), "float32"), y: T.Buffer(yshape, "float32")):
             T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
             with T.sblock("root"):
-                for b, oc in T.grid(n, o):
+                yf = T.decl_buffer((n * o * p,), "float32", data=y.data)
+                for bo in T.parallel(n * o):
                     for q in range(p):
-                        y[b, oc, q] = T.Cast("float32", acc[b, oc, q]) * mult[oc]
+                        yf[bo * p + q] = T.Cast("float32", acc[bo // o, bo % o, q]) * mult[bo % o]
 
         func = dequantize_op
     else:
         @T.prim_func(private=True, s_tir=True)
-        def dequantize_po(acc: T.Buffer((n, ppad, opad), "int32"),
-                          mult: T.Buffer((o,), "float32"), y: T.Buffer((p, o), "float32")):
+        def dequantize_po(acc: T.Buffer((1, ppad, opad), "int32"),
+                          mult: T.Buffer((o,), "float32"), y: T.Buffer(yshape, "float32")):
             T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
             with T.sblock("root"):
-                for q, oc in T.grid(p, o):
-                    y[q, oc] = T.Cast("float32", acc[0, q, oc]) * mult[oc]
+                yf = T.decl_buffer((p * o,), "float32", data=y.data)
+                for q in T.parallel(p):
+                    for oc in range(o):
+                        yf[q * o + oc] = T.Cast("float32", acc[0, q, oc]) * mult[oc]
 
         func = dequantize_po
     return func

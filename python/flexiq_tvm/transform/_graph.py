@@ -83,10 +83,12 @@ def rebuild(mod: tvm.IRModule, name: str, visit: Callable, ret: Callable | None 
     bb = relax.BlockBuilder(mod)
     if setup is not None:
         setup(bb)
-    vmap: dict = {}
+    # fresh parameters: functions emitted from one source must not share Var objects
+    params = [relax.Var(p.name, p.ty) for p in func.params]
+    vmap: dict = dict(zip(func.params, params))
     outputs = _output_vars(func)
     tmp = f"__flexiq_tmp_{new_name}"
-    with bb.function(tmp, list(func.params)):
+    with bb.function(tmp, params):
         with bb.dataflow():
             for b in bindings(func):
                 value = visit(bb, b.var, substitute(b.value, vmap))

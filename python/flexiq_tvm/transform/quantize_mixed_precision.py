@@ -137,8 +137,8 @@ class QuantizeMixedPrecision:
                 gvs, consts, layer = cache[key]
                 n_low = int(layer.lp.n_low[self.plan.check_ratio(ratio)])
                 y, acc = self._emit(bb, value.args[0], kind, layer, gvs, consts, n_low)
-                if self.expose_layers:
-                    exposed.extend([value.args[0], acc])
+                if self.expose_layers:  # as dataflow outputs: used after the block
+                    exposed.extend([bb.emit_output(value.args[0]), bb.emit_output(acc)])
                 return y
 
             def ret(bb, body, exposed=exposed):
@@ -184,7 +184,8 @@ class QuantizeMixedPrecision:
             gvs["conv"] = bb.add_func(k["mixed_grouped_conv"](
                 n, c, hp, wp, o, cg, kh, kw, tuple(int(s) for s in a.strides),
                 tuple(int(d) for d in a.dilation), oh, ow, lp.groups), f"{name}_conv")
-            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP"),
+            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP",
+                                                     layer.y_shape),
                                      f"{name}_dequantize")
             consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
             consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
@@ -225,7 +226,8 @@ class QuantizeMixedPrecision:
         c4 = _round_up(layer.n_max, 2) if layer.n_max else 0
         gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, hp, wp, cpad, kh, kw, stride, dil, oh, ow,
                                                   opad, c4, layout), f"{name}_gemm")
-        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout),
+        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout,
+                                                 layer.y_shape),
                                  f"{name}_dequantize")
         # rows k = (ky*kw + kx)*cpad + c; the 4-bit block keeps the first c4 channels per tap
         w_rc = np.zeros((kh, kw, cpad, opad), np.int8)
@@ -251,10 +253,8 @@ class QuantizeMixedPrecision:
                 gvs["conv"], (q, consts["w8"], consts["w4"], consts["rank"], nl),
                 relax.TensorType((n, geo["o"], geo["oh"], geo["ow"]), "int32")))
             acc3 = bb.emit(relax.op.reshape(acc, (n, geo["o"], geo["oh"] * geo["ow"])))
-            y = bb.emit(relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
-                                       relax.TensorType((n, geo["o"], geo["oh"] * geo["ow"]),
-                                                        "float32")))
-            return relax.op.reshape(y, layer.y_shape), acc
+            return relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
+                                  relax.TensorType(layer.y_shape, "float32")), acc
         if kind == g.CONV:
             q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], nl),
                                        relax.TensorType((geo["n"], geo["hp"], geo["wp"],
@@ -267,7 +267,5 @@ class QuantizeMixedPrecision:
                  else (1, geo["ppad"], geo["opad"]))
         acc = bb.emit(relax.call_tir(gvs["gemm"], (q, consts["w8"], consts["w4"], nl),
                                      relax.TensorType(shape, "int32")))
-        yshape = (geo["n"], geo["o"], geo["p"]) if kind == g.CONV else (geo["p"], geo["o"])
-        y = bb.emit(relax.call_tir(gvs["deq"], (acc, consts["mult"]),
-                                   relax.TensorType(yshape, "float32")))
-        return relax.op.reshape(y, layer.y_shape), acc
+        return relax.call_tir(gvs["deq"], (acc, consts["mult"]),
+                              relax.TensorType(layer.y_shape, "float32")), acc
