@@ -10,7 +10,8 @@ by whoever produces it, so the pass solves it over the graph as constraint propa
 * union-find over tensors: ops that keep the channel axis (unary and per-channel binary
   elementwise ops incl. decomposed BatchNorm, residual adds, LayerNorm over the channel axis,
   pooling / mean over other axes, reshapes and transposes that keep the axis, concat along
-  another axis, depthwise convs) join their inputs and output into one *channel space*;
+  another axis, depthwise convs, covered or not) join their inputs and output into one
+  *channel space*;
 * a space is *free* when all its producers are conv/linear layers with constant weights (their
   output channels can be permuted); the model input, the outputs and the operands of any other
   op *pin* a space to the original order;
@@ -125,6 +126,7 @@ class ReorderChannelBlocks:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         sp = _Spaces()
+        self._depthwise: set = set()  # covered depthwise composites (order passes through)
         const_perm: dict = {}  # (binding var, arg index) -> (space member, axis, role)
         consumers: list = []  # (binding var, input var, layer plan)
         for p in func.params:
@@ -192,7 +194,15 @@ class ReorderChannelBlocks:
                     if changed:
                         args[i] = relax.const(np.ascontiguousarray(w))
             comp = g.composite_kind(mod, value)
-            if comp is not None and var in layer_in:  # grouped composites keep the order
+            if comp is not None and var in self._depthwise:
+                cfunc = comp[1]
+                perm = perm_of(var)
+                perm = [int(i) for i in (np.arange(g.shape_of(var)[1]) if perm is None else perm)]
+                attrs = dict(cfunc.attrs)
+                attrs["flexiq.in_perm"] = perm
+                attrs["flexiq.out_perm"] = perm
+                bb.update_func(value.op, cfunc.with_attrs(attrs))
+            if comp is not None and var in layer_in:  # other grouped composites keep the order
                 kind, cfunc = comp
                 in_perm, gathered = layer_in[var]
                 out_perm = perm_of(var)
@@ -228,6 +238,15 @@ class ReorderChannelBlocks:
             grouped = kind == g.CONV and int(conv_attrs.groups) > 1
             out_axis = 1 if kind == g.CONV else rank - 1
             if grouped:
+                w_shape = tuple(lp.weight_shape)
+                if w_shape[1] == 1 and int(conv_attrs.groups) == w_shape[0] == lp.in_channels:
+                    # depthwise: channel i in is channel i out, so it passes the order through
+                    # (its kernel picks 4-bit channels by rank, no prefix needed)
+                    sp.add(var, 1)
+                    sp.union(xin, var)
+                    const_perm[(var, 1)] = (var, 0, "out")
+                    self._depthwise.add(var)
+                    return
                 sp.pin(xin)
                 sp.add(var, None)
                 return
