@@ -9,6 +9,7 @@ import pytest
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
 from flexiq_tvm.api import oracle_mismatches
+from flexiq_tvm.eval import load_calibration, load_eval_data
 from flexiq_tvm.fakequant import FakeQuantModel, predict
 from flexiq_tvm.quantize import quantize
 from flexiq_tvm.zoo import data, registry
@@ -23,8 +24,9 @@ def plans():
     def get(name):
         if name not in cache:
             model = registry.get_model(name)
-            calib = data.fmnist_calibration(64)
-            cfg = FlexiQConfig(selection="static", calib_images=64)
+            n = 64 if name in FMNIST else 16
+            calib = load_calibration(name, n)
+            cfg = FlexiQConfig(selection="static", calib_images=n)
             cache[name] = (model, quantize(model, calib, cfg, model_name=name, progress=False))
         return cache[name]
 
@@ -33,7 +35,7 @@ def plans():
 
 def _check_model(plans, name, via, n_images, min_agreement=1.0):
     model, plan = plans(name)
-    xs, _ = data.load_fmnist("test", n_images)
+    _, xs, _ = load_eval_data(name, n_images)
     cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, expose_layers=True)
     assert cm.ratios == (0.0, 0.25, 0.5, 0.75, 1.0)
     assert not [k for k in cm.report.kept_fp32 if "plan layer" in k["reason"]]
@@ -59,6 +61,12 @@ def test_resnet20_bit_exact_and_equal_to_fakequant(plans, via):
 @pytest.mark.parametrize("name", FMNIST[1:])
 def test_zoo_bit_exact_and_equal_to_fakequant(plans, name, via):
     _check_model(plans, name, via, 100, min_agreement=0.98)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", ["torch.export", "onnx"])
+def test_efficientnet_lite0_bit_exact_and_equal_to_fakequant(plans, via):
+    _check_model(plans, "efficientnet_lite0_imagenet", via, 20, min_agreement=0.95)
 
 
 def test_api_errors(plans):

@@ -10,71 +10,104 @@ import tvm
 from flexiq_tvm import frontend
 from flexiq_tvm.schedules.llvm import KERNELS
 from flexiq_tvm.schedules.llvm.mixed import gemm_chunks
-from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs, pack_int4_blocks
+from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 
 TO, TP = KERNELS["gemm_tiles"]
 
 
 def _build(prim_func):
+    from flexiq_tvm.schedules.llvm import PASS_CONFIG
+
     mod = tvm.IRModule({"main": prim_func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=tvm.target.Target(frontend.default_llvm_target()))
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        return tvm.compile(mod, target=tvm.target.Target(frontend.default_llvm_target()))
 
 
 def _rup(v, m):
     return -(-v // m) * m
 
 
-def _weights(w8, w4, c4, cpad, opad):
-    """[kh, kw, c, o] codes -> the kernel's (w8, w4) operands."""
-    kh, kw, c, o = w8.shape
-    a = np.zeros((kh, kw, cpad, opad), np.int8)
-    a[:, :, :c, :o] = w8
-    b = np.zeros((kh, kw, max(c4, 2), opad), np.int32)
-    b[:, :, :c4, :o] = w4[:, :, :c4]
-    return (tvm.runtime.tensor(interleave_pairs(a.reshape(-1, opad))),
-            tvm.runtime.tensor(pack_int4_blocks(b.reshape(-1, opad), TO)))
-
-
-CASES = [  # n, c, h, w, o, kh, kw, stride, dil, layout
-    (1, 5, 9, 7, 5, 3, 3, (1, 1), (1, 1), "OP"),  # odd channels, P not a tile multiple
-    (2, 16, 8, 8, 40, 3, 3, (2, 2), (1, 1), "OP"),  # batch 2, strided
-    (1, 7, 10, 10, 16, 3, 3, (1, 1), (2, 2), "OP"),  # dilated
-    (1, 33, 1, 50, 70, 1, 1, (1, 1), (1, 1), "PO"),  # a linear layer: 50 rows
+CASES = [  # n, c, h, w, o, kh, kw, stride, dil, layout, signed
+    (1, 5, 9, 7, 5, 3, 3, (1, 1), (1, 1), "OP", False),  # odd channels, P not a tile multiple
+    (2, 16, 8, 8, 40, 3, 3, (2, 2), (1, 1), "OP", True),  # batch 2, strided, signed
+    (1, 7, 10, 10, 16, 3, 3, (1, 1), (2, 2), "OP", False),  # dilated
+    (1, 33, 1, 50, 70, 1, 1, (1, 1), (1, 1), "PO", True),  # a linear layer: 50 rows
+    (1, 300, 4, 4, 16, 1, 1, (1, 1), (1, 1), "OP", False),  # a run longer than one flush
+    (1, 1, 30, 30, 16, 3, 3, (1, 1), (1, 1), "OP", False),  # one input channel, no 4-bit
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case):
-    n, c, hp, wp, o, kh, kw, stride, dil, layout = case
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
+    n, c, hp, wp, o, kh, kw, stride, dil, layout, signed = case
     rng = np.random.default_rng(c * 100 + o)
     oh = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
-    cpad, opad = _rup(c, 2), _rup(o, TO)
+    cpad, opad, kk = _rup(c, 2), _rup(o, TO), kh * kw
     ppad = _rup(oh * ow, TP)
-    c4 = _rup(c - 1, 2)  # the largest low block (rounded up to even, as the pass does)
+    n_max = c - 1
+    # total shifts grouped in runs (as ReorderChannelBlocks orders them), one long run
+    st = np.sort(rng.integers(0, 9, size=c)) if c < 100 else np.zeros(c, np.int64)
+    low = LowLayout(st, n_max, kk)
     w8 = rng.integers(-127, 128, size=(kh, kw, c, o))
     w4 = rng.integers(-8, 8, size=(kh, kw, c, o))
-    lib = _build(KERNELS["mixed_gemm"](n, hp, wp, cpad, kh, kw, stride, dil, oh, ow, opad, c4,
-                                       layout))
-    wts = _weights(w8, w4, min(c4, c), cpad, opad)
-    for n_low in sorted({0, 1, c // 2, c // 2 + 1, c - 2, c - 1}):
-        q = np.zeros((n, hp, wp, cpad), np.int16)
-        q[..., :c] = rng.integers(-127, 256, size=(n, hp, wp, c))
-        q[..., :n_low] = rng.integers(-2048, 3841, size=(n, hp, wp, n_low))  # 15 << 8 max
+    lib = _build(KERNELS["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(), kh, kw,
+                                       stride, dil, oh, ow, opad, layout))
+    a8 = np.zeros((kh, kw, cpad, opad), np.int8)
+    a8[:, :, :c, :o] = w8
+    w8t = tvm.runtime.tensor(interleave_pairs(a8.reshape(-1, opad)))
+    w4taps = w4.reshape(kk, c, o)
+    w4t = tvm.runtime.tensor(low.pack(w4taps, opad))
+    slot_t = tvm.runtime.tensor(low.slot_chan)
+    off = 8 if signed else 0
+    for n_low in sorted({v for v in (0, 1, 2, c // 2, c // 2 + 1, n_max - 1, n_max)
+                         if 0 <= v <= n_max}):
+        q8 = np.zeros((n, hp, wp, cpad), np.int16)
+        q8[..., n_low:c] = rng.integers(-127 if signed else 0, 128 if signed else 256,
+                                        size=(n, hp, wp, c - n_low))
+        a4 = rng.integers(-8 if signed else 0, 8 if signed else 16, size=(n, hp, wp, c))
+        a4[..., n_low:] = 0
+        q4 = np.full((n, hp, wp, low.slots), off, np.uint8)
+        for si, ci in enumerate(low.slot_chan):
+            if 0 <= ci < n_low:
+                q4[..., si] = a4[..., ci] + off
+        x = q8[..., :c].astype(np.int64) + (a4 << st)  # 4-bit channels on the INT8 scale
         w = np.where(np.arange(c)[:, None] < n_low, w4, w8)  # [kh, kw, c, o]
         want = np.zeros((n, oh, ow, o), np.int64)
         for ry in range(kh):
             for rx in range(kw):
-                win = q[:, ry * dil[0] : ry * dil[0] + stride[0] * (oh - 1) + 1 : stride[0],
-                        rx * dil[1] : rx * dil[1] + stride[1] * (ow - 1) + 1 : stride[1], :c]
-                want += win.astype(np.int64) @ w[ry, rx]
+                win = x[:, ry * dil[0] : ry * dil[0] + stride[0] * (oh - 1) + 1 : stride[0],
+                        rx * dil[1] : rx * dil[1] + stride[1] * (ow - 1) + 1 : stride[1]]
+                want += win @ w[ry, rx]
         want = want.reshape(n, oh * ow, o)
+        rows = low.chunks(n_low)
+        table = np.zeros((low.max_chunks(), 3), np.int32)
+        table[: len(rows)] = rows
+        corr = (low.correction(w4taps, st, n_low, opad) if signed
+                else np.zeros(opad, np.int32))
         shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
         acc = tvm.runtime.empty(shape, "int32")
-        lib["main"](tvm.runtime.tensor(q), *wts, n_low, acc)
+        lib["main"](tvm.runtime.tensor(q8), tvm.runtime.tensor(q4), w8t, w4t, slot_t,
+                    tvm.runtime.tensor(table), int((rows[:, 1] > 0).sum()),
+                    tvm.runtime.tensor(corr), n_low, acc)
         got = acc.numpy()
         got = got[:, :o, : oh * ow].transpose(0, 2, 1) if layout == "OP" else got[:, : oh * ow, :o]
         np.testing.assert_array_equal(got, want, err_msg=f"n_low={n_low}")
+
+
+def test_low_layout_quads_hold_one_shift_and_chunks_respect_the_flush_bound():
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
+    st = np.array([0, 0, 0, 3, 3, 5, 5, 5, 5, 5, 1])
+    low = LowLayout(st, 10, taps=9)
+    assert low.slot_chan.tolist() == [0, 1, 2, -1, 3, 4, -1, -1, 5, 6, 7, 8, 9, -1, -1, -1]
+    assert low.runs == [(0, 1, 0), (1, 1, 3), (2, 2, 5)]
+    assert low.chunks(4).tolist() == [[0, 1, 0], [1, 1, 3]]
+    assert low.chunks(0).tolist() == [[0, 0, 0]]
+    big = LowLayout(np.zeros(200, int), 200, taps=9)  # 50 quads, at most 15 per chunk
+    assert [r[1] for r in big.chunks(200).tolist()] == [15, 15, 15, 5]
 
 
 def test_gemm_chunks_give_each_task_whole_tiles():
@@ -83,21 +116,32 @@ def test_gemm_chunks_give_each_task_whole_tiles():
     assert gemm_chunks(3, 1) == 1
 
 
-def test_quantize_nhwc_layout_codes_and_padding():
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_nhwc_layout_codes_and_padding(signed):
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
     n, c, h, w, pad, cpad = 1, 3, 4, 5, (1, 0, 2, 1), 4
     x = np.random.default_rng(2).normal(size=(n, c, h, w)).astype(np.float32)
-    inv, sa, st = 40.0, np.array([1, 2, 0], np.int32), np.array([3, 5, 0], np.int32)
-    lib = _build(KERNELS["quantize_nhwc"](n, c, h, w, pad, cpad, inv, True))
-    q = tvm.runtime.empty((n, h + 1, w + 3, cpad), "int16")
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa), tvm.runtime.tensor(st), 2, q)
-    got = q.numpy()
-    code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), -127, 127).astype(np.int32)
+    inv, sa = 40.0, np.array([1, 2, 0], np.int32)
+    low = LowLayout(np.array([3, 5, 0]), 2, taps=1)  # channels 0, 1 (shifts 3, 5) in 4-bit
+    lib = _build(KERNELS["quantize_nhwc"](n, c, h, w, pad, cpad, low.slots, inv, signed))
+    q8 = tvm.runtime.empty((n, h + 1, w + 3, cpad), "int16")
+    q4 = tvm.runtime.empty((n, h + 1, w + 3, low.slots), "uint8")
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa), tvm.runtime.tensor(low.slot_chan),
+                2, q8, q4)
+    lo, hi, lo4, hi4, off = (-127, 127, -8, 7, 8) if signed else (0, 255, 0, 15, 0)
+    code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int32)
     half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)[None, :, None, None]
-    low = np.clip((code + half) >> sa[None, :, None, None], -8, 7) << st[None, :, None, None]
-    want = np.where(np.arange(c)[None, :, None, None] < 2, low, code).transpose(0, 2, 3, 1)
-    np.testing.assert_array_equal(got[:, 1:, 2:7, :c], want)
-    assert not got[:, 0].any() and not got[:, :, :2].any() and not got[:, :, 7:].any()
-    assert not got[..., c:].any()
+    a4 = np.clip((code + half) >> sa[None, :, None, None], lo4, hi4)
+    g8, g4 = q8.numpy(), q4.numpy()
+    np.testing.assert_array_equal(g8[:, 1:, 2:7, 2], code[:, 2])
+    assert not g8[..., :2].any() and not g8[..., 3:].any()  # 4-bit channels, channel pad
+    for si, ci in enumerate(low.slot_chan):
+        want = a4[:, ci] + off if ci >= 0 else np.full((n, h, w), off)
+        np.testing.assert_array_equal(g4[:, 1:, 2:7, si], want)
+    border = np.ones(g4.shape[1:3], bool)
+    border[1:, 2:7] = False
+    assert (g4[:, border] == off).all() and not g8[:, border].any()
 
 
 def test_schedule_injective_vectorises_and_keeps_results_bit_identical():

@@ -395,19 +395,28 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
     from tvm.script import tirx as T
 
     from flexiq_tvm.schedules.llvm import KERNELS
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
     from flexiq_tvm.transform import QuantizeMixedPrecision
-    from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs, pack_int4_blocks
+    from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 
     _, reordered = _run(LIN_PLAN, LinearBefore)
     got = QuantizeMixedPrecision(LIN_PLAN, KERNELS)(reordered)
 
+    # expected operands: INT8 weights in row-pair order, the 4-bit block (channels 0, 1 at
+    # ratio 0.5; shift 0, so a 4-bit code is the clamped INT8 code) in one quad of slots
     w8 = np.zeros((4, 16), np.int8)
     w8[:, :6] = WL
-    w4 = np.zeros((2, 16), np.int32)
-    w4[:, :6] = np.clip(WL[:2], -8, 7)  # shift 0: the 4-bit code is the clamped INT8 code
-    W8, W4 = interleave_pairs(w8), pack_int4_blocks(w4, 16)
-    Z = np.zeros(4, np.int32)  # activation shifts, total shifts
+    W8 = interleave_pairs(w8)
+    low = LowLayout(np.zeros(4, np.int32), 2, taps=1)
+    assert low.slot_chan.tolist() == [0, 1, -1, -1]
+    w4 = np.clip(WL, -8, 7).astype(np.int32)[None]  # [taps, K, O]
+    W4, SLOTS = low.pack(w4, 16), low.slot_chan
+    SA = np.zeros(4, np.int32)
     MULT = np.full(6, 1 / 16, np.float32)
+    T000, T050 = np.zeros((1, 3), np.int32), np.array([[0, 1, 0]], np.int32)
+    C000 = np.zeros(16, np.int32)
+    C050 = np.zeros(16, np.int32)
+    C050[:6] = 8 * w4[0, :2].sum(0)  # signed activations are stored + 8
 
     @I.ir_module(check_well_formed=False)  # stub kernels until they are put in below
     class LinearLowered:
@@ -428,9 +437,15 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
             cls = LinearLowered
             with R.dataflow():
                 x2 = R.reshape(x, R.shape([3, 4]))
-                q = R.call_tir(cls.fc_quantize, (x2, R.const(Z), R.const(Z), R.prim_value(T.int32(0))),
-                               out_ty=R.Tensor((1, 1, 3, 4), "int16"))
-                acc = R.call_tir(cls.fc_gemm, (q, R.const(W8), R.const(W4), R.prim_value(T.int32(0))),
+                qq = R.call_tir(cls.fc_quantize, (x2, R.const(SA), R.const(SLOTS),
+                                                  R.prim_value(T.int32(0))),
+                                out_ty=[R.Tensor((1, 1, 3, 4), "int16"),
+                                        R.Tensor((1, 1, 3, 4), "uint8")])
+                q8 = qq[0]
+                q4 = qq[1]
+                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(SLOTS),
+                                               R.const(T000), R.prim_value(T.int32(0)),
+                                               R.const(C000), R.prim_value(T.int32(0))),
                                  out_ty=R.Tensor((1, 6, 16), "int32"))
                 y = R.call_tir(cls.fc_dequantize, (acc, R.const(MULT)),
                                out_ty=R.Tensor((3, 6), "float32"))
@@ -442,9 +457,15 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
             cls = LinearLowered
             with R.dataflow():
                 x2 = R.reshape(x, R.shape([3, 4]))
-                q = R.call_tir(cls.fc_quantize, (x2, R.const(Z), R.const(Z), R.prim_value(T.int32(2))),
-                               out_ty=R.Tensor((1, 1, 3, 4), "int16"))
-                acc = R.call_tir(cls.fc_gemm, (q, R.const(W8), R.const(W4), R.prim_value(T.int32(2))),
+                qq = R.call_tir(cls.fc_quantize, (x2, R.const(SA), R.const(SLOTS),
+                                                  R.prim_value(T.int32(2))),
+                                out_ty=[R.Tensor((1, 1, 3, 4), "int16"),
+                                        R.Tensor((1, 1, 3, 4), "uint8")])
+                q8 = qq[0]
+                q4 = qq[1]
+                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(SLOTS),
+                                               R.const(T050), R.prim_value(T.int32(1)),
+                                               R.const(C050), R.prim_value(T.int32(2))),
                                  out_ty=R.Tensor((1, 6, 16), "int32"))
                 y = R.call_tir(cls.fc_dequantize, (acc, R.const(MULT)),
                                out_ty=R.Tensor((3, 6), "float32"))
@@ -452,9 +473,9 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
             return y
 
     expected = LinearLowered
-    kernels = {"fc_quantize": KERNELS["quantize_rows"](3, 4, 4, 16.0, True),
-               "fc_gemm": KERNELS["mixed_gemm"](1, 1, 3, 4, 1, 1, (1, 1), (1, 1), 1, 3, 16, 2,
-                                                "PO"),
+    kernels = {"fc_quantize": KERNELS["quantize_rows"](3, 4, 4, 4, 16.0, True),
+               "fc_gemm": KERNELS["mixed_gemm"](1, 1, 3, 4, 4, 1, 1, 1, (1, 1), (1, 1), 1, 3,
+                                                16, "PO"),
                "fc_dequantize": KERNELS["dequantize"](1, 6, 3, 16, 6, "PO", (3, 6))}
     for name, func in kernels.items():
         expected.update_func(expected.get_global_var(name), func)

@@ -222,21 +222,23 @@ def test_compiled_layers_are_bit_exact_with_the_oracle(cls, shape):
             assert flexiq_tvm.api.oracle_mismatches(cm, calib[i : i + 1], r) == []
 
 
-def test_gemm_weights_pack_two_nibbles_per_byte_in_pair_order():
-    from flexiq_tvm.transform.quantize_mixed_precision import (
-        interleave_pairs, pack_int4_blocks, pack_int4_flat)
+def test_weights_pack_two_nibbles_per_byte_in_the_kernel_order():
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+    from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs, pack_int4_flat
 
     rng = np.random.default_rng(0)
-    codes = rng.integers(-8, 8, size=(4, 32))  # K=4 rows, O=32 outputs (two blocks of 16)
-    packed = pack_int4_blocks(codes, 16)
-    assert packed.shape == (2, 2, 16) and packed.dtype == np.uint8
-    lo = ((packed & 15).astype(np.int32) ^ 8) - 8
-    hi = ((packed >> 4).astype(np.int32) ^ 8) - 8
-    e = np.concatenate([lo, hi], 2)  # [row pair, block, 32 interleaved elements]
-    for kp, ob, j in np.ndindex(e.shape):
-        assert e[kp, ob, j] == codes[2 * kp + j % 2, 16 * ob + j // 2]
-    pairs = interleave_pairs(codes)
-    assert pairs.shape == (2, 64) and pairs[1, 2 * 5 + 1] == codes[3, 5]
+    codes = rng.integers(-8, 8, size=(2, 6, 32))  # 2 taps, 6 channels, 32 outputs
+    low = LowLayout(np.array([1, 1, 1, 2, 2, 2]), 6, taps=2)
+    packed = low.pack(codes, 32)
+    assert packed.shape == (2 * low.slots // 4, 2, 32) and packed.dtype == np.uint8
+    e = np.concatenate([((packed & 15).astype(np.int32) ^ 8) - 8,
+                        ((packed >> 4).astype(np.int32) ^ 8) - 8], 2)  # [tap*quad, block, 64]
+    for tq, ob, j in np.ndindex(e.shape):
+        ch = low.slot_chan[4 * (tq % (low.slots // 4)) + j % 4]
+        want = 0 if ch < 0 else codes[tq // (low.slots // 4), ch, 16 * ob + j // 4]
+        assert e[tq, ob, j] == want
+    pairs = interleave_pairs(codes[0, :4])
+    assert pairs.shape == (2, 64) and pairs[1, 2 * 5 + 1] == codes[0, 3, 5]
     flat = pack_int4_flat(np.array([-8, 7, 3]))
     assert flat.tolist() == [0x78, 0x03]
 

@@ -157,7 +157,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
 
     from . import frontend, transform
     from .quantize import quantize
-    from .schedules.llvm import KERNELS, pipeline
+    from .schedules.llvm import KERNELS, PASS_CONFIG, pipeline
 
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; available: {TARGETS}")
@@ -187,7 +187,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tgt = tvm.target.Target(frontend.default_llvm_target())
-    ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
     int8 = int4 = 0

@@ -30,6 +30,7 @@ numpy and torch: no fused multiply-add (the target must not contract it; tests c
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.script import tirx as T
 
 TO = 16  # output-channel tile (two AVX2 int32 vectors)
@@ -45,61 +46,166 @@ def _act_bounds(signed: bool) -> tuple[int, int, int, int]:
     return (-127, 127, -8, 7) if signed else (0, 255, 0, 15)
 
 
-def quantize_rows(m, k, kpad, inv, signed):
-    """x f32[m,k] -> q i16[1, 1, m, kpad]: the GEMM's rows (a linear layer is a 1x1 conv over
-    ``m`` positions), zero beyond ``k``; channels < n_low as shifted 4-bit codes."""
+class LowLayout:
+    """Where a GEMM layer's 4-bit channels live for the ``vpmaddubsw`` path.
+
+    The 4-bit block (the reordered channel prefix ``[0, n_max)``) is stored in *slots*, four
+    per quad (one ``vpmaddubsw`` pair of pairs per output). A quad holds channels of one total
+    shift only (the low block is already grouped by shift inside each ratio segment): each run
+    of equal shift is padded to whole quads, and a pad slot holds no channel (-1). Runs are cut
+    into *chunks* of at most ``flush`` quads x taps (int16 partial sums stay exact: a quad adds
+    at most 2 x 15 x 8 = 240 per lane, 136 x 240 < 2**15), and each chunk is flushed into the
+    int32 accumulator by ``vpmaddwd`` with ``2**shift``.
+
+    Attributes
+    ----------
+    slot_chan : int32 [S]
+        Channel of each slot (-1: pad); ``S`` a multiple of 4.
+    runs : list of (first quad, quads, shift)
+    """
+
+    FLUSH_QUADS = 136  # quads x taps per int16 chunk: 136 * 240 <= 32767
+
+    def __init__(self, shift: np.ndarray, n_max: int, taps: int) -> None:
+        shift = np.asarray(shift, np.int64)[:n_max]
+        chans, runs, c = [], [], 0
+        while c < n_max:
+            e = c
+            while e < n_max and shift[e] == shift[c]:
+                e += 1
+            quads = -(-(e - c) // 4)
+            runs.append((len(chans) // 4, quads, int(shift[c])))
+            chans.extend(list(range(c, e)) + [-1] * (4 * quads - (e - c)))
+            c = e
+        if not chans:
+            chans = [-1] * 4
+        self.slot_chan = np.asarray(chans, np.int32)
+        self.runs = runs
+        self.taps = taps
+        self.n_max = n_max
+        self.per_chunk = max(1, self.FLUSH_QUADS // taps)
+
+    @property
+    def slots(self) -> int:
+        return len(self.slot_chan)
+
+    def chunks(self, n_low: int) -> np.ndarray:
+        """int32 ``[G, 3]`` (first quad, quads, shift) of the quads that hold a channel below
+        ``n_low``, cut to the flush bound; ``G >= 1`` rows (a zero-quad row when none)."""
+        rows = []
+        for q0, nq, sh in self.runs:
+            used = [q for q in range(q0, q0 + nq)
+                    if any(0 <= ch < n_low for ch in self.slot_chan[4 * q : 4 * q + 4])]
+            if not used:
+                continue
+            first, last = used[0], used[-1] + 1
+            for s in range(first, last, self.per_chunk):
+                rows.append((s, min(self.per_chunk, last - s), sh))
+        return np.asarray(rows or [(0, 0, 0)], np.int32)
+
+    def max_chunks(self) -> int:
+        return max(len(self.chunks(self.n_max)), 1)
+
+    def pack(self, w4codes: np.ndarray, opad: int) -> np.ndarray:
+        """4-bit codes ``[taps, C, O]`` -> uint8 ``[taps * S/4, opad/16, 32]``: per tap, quad
+        and 16 outputs the 64 codes in ``vpmaddubsw`` order ``e = 4*output + slot``; byte ``j``
+        holds ``e = j`` (low nibble) and ``e = j + 32`` (high nibble)."""
+        taps, _, o = w4codes.shape
+        full = np.zeros((taps, self.slots, opad), np.int32)
+        ok = self.slot_chan >= 0
+        full[:, ok, :o] = w4codes[:, self.slot_chan[ok], :]
+        e = full.reshape(taps, self.slots // 4, 4, opad // TO, TO).transpose(0, 1, 3, 4, 2)
+        nib = (e.reshape(taps * self.slots // 4, opad // TO, 4 * TO) & 15).astype(np.uint8)
+        return nib[:, :, : 2 * TO] | (nib[:, :, 2 * TO :] << 4)
+
+    def correction(self, w4codes: np.ndarray, shift: np.ndarray, n_low: int,
+                   opad: int) -> np.ndarray:
+        """int32 ``[opad]``: ``8 * sum w4[tap, c, o] << shift[c]`` over every channel ``c`` whose
+        slot lies in a quad the kernel processes at ``n_low``: signed 4-bit activations are
+        stored ``u = a + 8`` (and the code of 0, ``u = 8``, in the other slots of those quads),
+        so the kernel's sum carries exactly this much extra."""
+        out = np.zeros(opad, np.int64)
+        chans = []
+        for q0, nq, _ in self.chunks(n_low).tolist():
+            chans += [c for c in self.slot_chan[4 * q0 : 4 * (q0 + nq)].tolist() if c >= 0]
+        if chans:
+            ch = np.asarray(chans)
+            w = w4codes[:, ch, :].astype(np.int64) << np.asarray(shift, np.int64)[None, ch, None]
+            out[: w4codes.shape[2]] = 8 * w.sum((0, 1))
+        return out.astype(np.int32)
+
+
+def quantize_rows(m, k, kpad, slots, inv, signed):
+    """x f32[m,k] -> (q8 i16[1,1,m,kpad], q4 u8[1,1,m,slots]): a linear layer is a 1x1 conv
+    over its ``m`` rows (see :func:`quantize_nhwc`)."""
+    return _quantizer(1, k, 1, m, (0, 0, 0, 0), kpad, slots, inv, signed, rows=True)
+
+
+def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed):
+    """x f32[n,c,h,w] -> channels-last, zero-bordered codes for :func:`mixed_gemm`:
+
+    * ``q8`` i16 ``[n, hp, wp, cpad]``: the 8-bit code of channels ``>= n_low`` (0 below);
+    * ``q4`` u8 ``[n, hp, wp, slots]``: per slot (:class:`LowLayout`) the 4-bit code
+      ``clip((q + 2**(sa-1)) >> sa)`` of its channel when that is below ``n_low``, stored
+      ``+8`` for signed activations (``vpmaddubsw`` wants unsigned bytes); every other slot
+      and the border hold the code of 0.
+    """
+    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows=False)
+
+
+def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows):
     lo, hi, lo4, hi4 = _act_bounds(signed)
-
-    @T.prim_func(private=True, s_tir=True)
-    def quantize_rows(x: T.Buffer((m, k), "float32"), sa: T.Buffer((k,), "int32"),
-                      st: T.Buffer((k,), "int32"), n_low: T.int32,
-                      q: T.Buffer((1, 1, m, kpad), "int16")):
-        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-        with T.sblock("root"):
-            for p in T.parallel(m):
-                for ci in range(k):
-                    q[0, 0, p, ci] = T.Cast("int16", _code(
-                        x[p, ci], inv, lo, hi, lo4, hi4, sa[ci], st[ci], ci < n_low))
-                for ci in range(kpad - k):
-                    q[0, 0, p, k + ci] = T.int16(0)
-
-    return quantize_rows
-
-
-def quantize_nhwc(n, c, h, w, pad, cpad, inv, signed):
-    """x f32[n,c,h,w] -> q i16[n, h+pt+pb, w+pl+pr, cpad] (channels last, zero border and zero
-    channels beyond ``c``); channels < n_low as shifted 4-bit codes (the GEMM conv's low block
-    is the reordered channel prefix)."""
-    lo, hi, lo4, hi4 = _act_bounds(signed)
+    off = 8 if signed else 0
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
+    xshape = (w, c) if rows else (n, c, h, w)
+
+    def xval(x, b, ci, iy, ix):
+        return x[ix, ci] if rows else x[b, ci, iy, ix]
 
     @T.prim_func(private=True, s_tir=True)
-    def quantize_nhwc(x: T.Buffer((n, c, h, w), "float32"), sa: T.Buffer((c,), "int32"),
-                      st: T.Buffer((c,), "int32"), n_low: T.int32,
-                      q: T.Buffer((n, hp, wp, cpad), "int16")):
+    def quantize(x: T.Buffer(xshape, "float32"), sa: T.Buffer((c,), "int32"),
+                 slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
+                 q8: T.Buffer((n, hp, wp, cpad), "int16"),
+                 q4: T.Buffer((n, hp, wp, slots), "uint8")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             for by in T.parallel(n * hp):
                 for ix, ci in T.grid(wp, cpad):
-                    q[by // hp, by % hp, ix, ci] = T.int16(0)
+                    q8[by // hp, by % hp, ix, ci] = T.int16(0)
+                for ix, si in T.grid(wp, slots):
+                    q4[by // hp, by % hp, ix, si] = T.uint8(off)
                 if by % hp >= pt and by % hp < pt + h:
                     for ci, ix in T.grid(c, w):
-                        q[by // hp, by % hp, ix + pl, ci] = T.Cast("int16", _code(
-                            x[by // hp, ci, by % hp - pt, ix], inv, lo, hi, lo4, hi4, sa[ci],
-                            st[ci], ci < n_low))
+                        if ci >= n_low:
+                            q8[by // hp, by % hp, ix + pl, ci] = T.Cast("int16", _code8(
+                                xval(x, by // hp, ci, by % hp - pt, ix), inv, lo, hi))
+                    for si, ix in T.grid(slots, w):
+                        if slot_chan[si] >= 0 and slot_chan[si] < n_low:
+                            q4[by // hp, by % hp, ix + pl, si] = T.Cast("uint8", off + _extract(
+                                _code8(xval(x, by // hp, slot_chan[si], by % hp - pt, ix), inv,
+                                       lo, hi), sa[slot_chan[si]], lo4, hi4))
 
-    return quantize_nhwc
+    return quantize
+
+
+def _code8(v, inv, lo, hi):
+    """The 8-bit activation code ``clip(floor(v * inv + 0.5))`` (two float32 roundings)."""
+    return T.max(T.min(T.Cast("int32", T.floor(v * T.float32(inv) + T.float32(0.5))), hi), lo)
+
+
+def _extract(q, s, lo4, hi4):
+    """Effective bit extraction ``clip((q + 2**(s-1)) >> s)`` to 4 bits."""
+    return T.max(T.min(T.shift_right(q + T.if_then_else(s > 0, T.shift_left(1, s - 1), 0), s),
+                       hi4), lo4)
 
 
 def _code(v, inv, lo, hi, lo4, hi4, s, st, low):
     """The 8-bit code of ``v``, or for a 4-bit channel its extracted code shifted left by
     ``st`` (the channel's activation plus weight shift: the product with the raw 4-bit weight
     is then already on the INT8 scale)."""
-    q = T.max(T.min(T.Cast("int32", T.floor(v * T.float32(inv) + T.float32(0.5))), hi), lo)
-    q4 = T.max(T.min(T.shift_right(q + T.if_then_else(s > 0, T.shift_left(1, s - 1), 0), s),
-                     hi4), lo4)
-    return T.if_then_else(low, T.shift_left(q4, st), q)
+    return T.if_then_else(low, T.shift_left(_extract(_code8(v, inv, lo, hi), s, lo4, hi4), st),
+                          _code8(v, inv, lo, hi))
 
 
 def _pmadd(a, b):
@@ -108,35 +214,50 @@ def _pmadd(a, b):
                                    a, b, dtype="int32x8")
 
 
+def _pmaddubs(a, b):
+    """``vpmaddubsw``: 32 x (u8 x s8) -> 16 x int16 sums of pairs (4-bit operands never
+    saturate: at most 2 x 15 x 8)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                   a, b, dtype="int16x16")
+
+
 def gemm_chunks(nob: int, npb: int, tasks: int = 8) -> int:
     """Position tiles per parallel task: at least ``tasks`` tasks where the work allows, and
-    as few as possible (each task widens its 16-output weight panel once)."""
+    as few as possible (each task widens its 16-output weight panels once)."""
     nchunk = min(npb, max(1, -(-tasks // nob)))
     return -(-npb // nchunk)
 
 
-def mixed_gemm(n, hp, wp, cpad, kh, kw, stride, dil, oh, ow, opad, c4, layout):
-    """Implicit-GEMM conv (a linear layer is the 1x1 case) over channels-last codes
-    q i16[n,hp,wp,cpad] -> acc i32[n,opad,ppad] ("OP") or [n,ppad,opad] ("PO"),
+def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad, layout):
+    """Implicit-GEMM conv (a linear layer is the 1x1 case) over the codes of
+    :func:`quantize_nhwc` -> acc i32 ``[n,opad,ppad]`` ("OP") or ``[n,ppad,opad]`` ("PO"),
     ``ppad = round_up(oh*ow, TP)`` (padding positions repeat the last one).
 
-    ``acc[o, p] = sum_{ky,kx,c} q[y(p)+ky, x(p)+kx, c] * w[ky,kx,c,o]``, ``w`` the raw 4-bit
-    weight for channels ``c < n_low`` (their activation codes come pre-shifted) and the INT8
-    weight for the rest. Rows ``k = (ky*kw + kx)*cpad + c``; weights ``w8`` int8
-    ``[kh*kw*cpad/2, 2*opad]`` (row pairs interleaved per output, as ``vpmaddwd`` reads them)
-    and ``w4`` uint8 ``[kh*kw*c4pad/2, opad/16, 16]`` (per row pair and 16 outputs, the 32
-    nibbles in the same order; byte ``j`` holds element ``j`` and ``j + 16``), ``c4pad`` the
-    largest low block rounded up to even. Each parallel task widens one 16-output weight panel
-    to int16 once (4- or 8-bit per row pair for this call's ``n_low``), then runs register
-    tiles of ``TP`` positions x 16 outputs, two ``vpmaddwd`` per position and row pair.
+    ``acc[o,p] = sum_{taps, c >= n_low} q8 * w8 + sum_{chunks} (sum_{taps, slots} u4 * w4)
+    << shift - corr[o]``:
+
+    * 8-bit block, ``vpmaddwd`` on int16: rows ``k = tap*cpad + c``, weights ``w8`` int8
+      ``[taps*cpad/2, 2*opad]`` (row pairs interleaved per output);
+    * 4-bit block, ``vpmaddubsw`` on bytes, twice the MACs per instruction: per chunk of
+      :class:`LowLayout` quads one int16 partial sum per output and quad half, flushed by
+      ``vpmaddwd`` with ``2**shift``; ``chunks`` int32 ``[ngmax, 3]`` (first quad, quads,
+      shift) for this call's ``n_low``, ``ng`` of them used; weights ``w4`` uint8
+      ``[taps*slots/4, opad/16, 32]`` (two nibbles per byte, :meth:`LowLayout.pack`);
+    * ``corr`` int32 ``[opad]`` removes the +8 offset of signed 4-bit activations (zero for
+      unsigned ones; :meth:`LowLayout.correction`).
+
+    A channel of one block holds the code of 0 in the other block's activation buffer, so the
+    weight panels need no masking: each parallel task widens one 16-output panel of each block
+    once, then runs register tiles of ``TP`` positions x 16 outputs.
     """
-    if opad % TO or cpad % 2:
-        raise ValueError(f"mixed_gemm: opad={opad} must be a multiple of {TO}, cpad={cpad} even")
+    if opad % TO or cpad % 2 or slots % 4:
+        raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (even), "
+                         f"slots={slots} (x4)")
     sh, sw = stride
     dh, dw = dil
     kk = kh * kw
     ch = cpad // 2
-    c4h = max(_round_up(c4, 2) // 2, 1)
+    nq = slots // 4
     p_real = oh * ow
     ppad = _round_up(p_real, TP)
     nob, npb = opad // TO, ppad // TP
@@ -145,73 +266,123 @@ def mixed_gemm(n, hp, wp, cpad, kh, kw, stride, dil, oh, ow, opad, c4, layout):
     out_shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
 
     @T.prim_func(private=True, s_tir=True)
-    def mixed_gemm(q: T.Buffer((n, hp, wp, cpad), "int16"),
+    def mixed_gemm(q8: T.Buffer((n, hp, wp, cpad), "int16"),
+                   q4: T.Buffer((n, hp, wp, slots), "uint8"),
                    w8: T.Buffer((kk * ch, 2 * opad), "int8"),
-                   w4: T.Buffer((kk * c4h, nob, 16), "uint8"), n_low: T.int32,
+                   w4: T.Buffer((kk * nq, nob, 2 * TO), "uint8"),
+                   slot_chan: T.Buffer((slots,), "int32"),
+                   chunks: T.Buffer((ngmax, 3), "int32"), ng: T.int32,
+                   corr: T.Buffer((opad,), "int32"), n_low: T.int32,
                    acc: T.Buffer(out_shape, "int32")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
-            qf = T.decl_buffer((n * hp * wp * cpad,), "int16", data=q.data)
+            q8f = T.decl_buffer((n * hp * wp * cpad,), "int16", data=q8.data)
+            q4f = T.decl_buffer((n * hp * wp * slots,), "uint8", data=q4.data)
             for b in range(n):
                 for t in T.parallel(nob * nchunk):
-                    panel = T.alloc_buffer((kk * ch, 2 * TO), "int16")
-                    accl = T.alloc_buffer((TP, TO), "int32", scope="local")
-                    base = T.alloc_buffer((TP,), "int32", scope="local")
+                    # decl_buffer, not alloc_buffer: TVM would compact an alloc_buffer to the
+                    # region it sees accessed, and the n_low-dependent loop bounds make that
+                    # region (and the re-indexing) wrong
+                    panel8 = T.decl_buffer((kk * ch, 2 * TO), "int16")
+                    panel4 = T.decl_buffer((kk * nq, 4 * TO), "int8")
+                    # weight panels: plain widening copies, independent of n_low (the
+                    # activation buffers hold the code of 0 wherever a channel belongs to the
+                    # other block, so its weight there never counts)
                     for r, cp in T.grid(kk, ch):
-                        if 2 * cp + 1 < n_low:
-                            for j in T.vectorized(16):
-                                panel[r * ch + cp, j] = T.Cast("int16", T.bitwise_xor(
-                                    T.bitwise_and(T.Cast("int32", w4[r * c4h + cp, t // nchunk, j]),
-                                                  15), 8) - 8)
-                            for j in T.vectorized(16):
-                                panel[r * ch + cp, j + 16] = T.Cast("int16", T.bitwise_xor(
-                                    T.shift_right(T.Cast("int32", w4[r * c4h + cp, t // nchunk, j]),
-                                                  4), 8) - 8)
-                        elif 2 * cp >= n_low:
-                            for j in T.vectorized(2 * TO):
-                                panel[r * ch + cp, j] = T.Cast(
-                                    "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
-                        else:  # the pair straddles the boundary: even row 4-bit, odd row 8-bit
-                            for j in range(2 * TO):
-                                if j % 2 == 0:
-                                    panel[r * ch + cp, j] = T.Cast("int16", T.bitwise_xor(
-                                        T.bitwise_and(T.shift_right(T.Cast(
-                                            "int32", w4[r * c4h + cp, t // nchunk, j % 16]),
-                                            (j // 16) * 4), 15), 8) - 8)
-                                else:
-                                    panel[r * ch + cp, j] = T.Cast(
-                                        "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
+                        for j in T.vectorized(2 * TO):
+                            panel8[r * ch + cp, j] = T.Cast(
+                                "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
+                    for r, qd in T.grid(kk, nq):
+                        for j in T.vectorized(2 * TO):
+                            panel4[r * nq + qd, j] = T.Cast("int8", T.bitwise_xor(T.bitwise_and(
+                                T.Cast("int32", w4[r * nq + qd, t // nchunk, j]), 15), 8) - 8)
+                        for j in T.vectorized(2 * TO):
+                            panel4[r * nq + qd, j + 2 * TO] = T.Cast("int8", T.bitwise_xor(
+                                T.shift_right(T.Cast("int32", w4[r * nq + qd, t // nchunk, j]),
+                                              4), 8) - 8)
                     for pt in range(ppc):
                         if (t % nchunk) * ppc + pt < npb:
+                            # the register tile: small "global"-scope buffers become stack
+                            # allocas that LLVM promotes to registers ("local" scope goes
+                            # through the workspace allocator in TVM 0.27); declared here, in
+                            # the tile's scope, so StorageRewrite cannot fold them into a panel
+                            accl = T.decl_buffer((TP, TO), "int32")
+                            acc16 = T.decl_buffer((TP, 2 * TO), "int16")
+                            pix = T.decl_buffer((TP,), "int32")
                             for pi in T.unroll(TP):
-                                base[pi] = (((b * hp + T.min(
-                                    ((t % nchunk) * ppc + pt) * TP + pi, p_real - 1) // ow * sh)
-                                    * wp) + T.min(((t % nchunk) * ppc + pt) * TP + pi,
-                                                  p_real - 1) % ow * sw) * cpad
-                                for oi in T.vectorized(TO):
-                                    accl[pi, oi] = 0
-                            for ry, rx, cp in T.grid(kh, kw, ch):
+                                pix[pi] = (b * hp + T.min(((t % nchunk) * ppc + pt) * TP + pi,
+                                                          p_real - 1) // ow * sh) * wp + T.min(
+                                    ((t % nchunk) * ppc + pt) * TP + pi, p_real - 1) % ow * sw
+                                for hh in T.unroll(2):
+                                    for oi in T.vectorized(8):
+                                        accl[pi, hh * 8 + oi] = 0 - corr[
+                                            (t // nchunk) * TO + hh * 8 + oi]
+                            for ry, rx in T.grid(kh, kw):
+                                for cp in range(n_low // 2, ch):
+                                    for pi in T.unroll(TP):
+                                        accl[pi, T.ramp(0, 1, 8)] = accl[
+                                            pi, T.ramp(0, 1, 8)] + _pmadd(T.reinterpret(
+                                                T.broadcast(T.reinterpret(q8f[T.ramp(
+                                                    (pix[pi] + ry * dh * wp + rx * dw) * cpad
+                                                    + 2 * cp, 1, 2)], dtype="int32"), 8),
+                                                dtype="int16x16"),
+                                                panel8[(ry * kw + rx) * ch + cp,
+                                                       T.ramp(0, 1, 16)])
+                                        accl[pi, T.ramp(8, 1, 8)] = accl[
+                                            pi, T.ramp(8, 1, 8)] + _pmadd(T.reinterpret(
+                                                T.broadcast(T.reinterpret(q8f[T.ramp(
+                                                    (pix[pi] + ry * dh * wp + rx * dw) * cpad
+                                                    + 2 * cp, 1, 2)], dtype="int32"), 8),
+                                                dtype="int16x16"),
+                                                panel8[(ry * kw + rx) * ch + cp,
+                                                       T.ramp(16, 1, 16)])
+                            for g in range(ng):
                                 for pi in T.unroll(TP):
-                                    accl[pi, T.ramp(0, 1, 8)] = accl[pi, T.ramp(0, 1, 8)] + _pmadd(
-                                        T.reinterpret(T.broadcast(T.reinterpret(qf[T.ramp(
-                                            base[pi] + (ry * dh * wp + rx * dw) * cpad + 2 * cp,
-                                            1, 2)], dtype="int32"), 8), dtype="int16x16"),
-                                        panel[(ry * kw + rx) * ch + cp, T.ramp(0, 1, 16)])
-                                    accl[pi, T.ramp(8, 1, 8)] = accl[pi, T.ramp(8, 1, 8)] + _pmadd(
-                                        T.reinterpret(T.broadcast(T.reinterpret(qf[T.ramp(
-                                            base[pi] + (ry * dh * wp + rx * dw) * cpad + 2 * cp,
-                                            1, 2)], dtype="int32"), 8), dtype="int16x16"),
-                                        panel[(ry * kw + rx) * ch + cp, T.ramp(16, 1, 16)])
+                                    for hh in T.unroll(2):
+                                        for oi in T.vectorized(TO):
+                                            acc16[pi, hh * TO + oi] = T.int16(0)
+                                for ry, rx in T.grid(kh, kw):
+                                    for qd in range(chunks[g, 1]):
+                                        for pi in T.unroll(TP):
+                                            acc16[pi, T.ramp(0, 1, 16)] = acc16[
+                                                pi, T.ramp(0, 1, 16)] + _pmaddubs(T.reinterpret(
+                                                    T.broadcast(T.reinterpret(q4f[T.ramp(
+                                                        (pix[pi] + ry * dh * wp + rx * dw)
+                                                        * slots + (chunks[g, 0] + qd) * 4,
+                                                        1, 4)], dtype="int32"), 8),
+                                                    dtype="uint8x32"),
+                                                    panel4[(ry * kw + rx) * nq + chunks[g, 0]
+                                                           + qd, T.ramp(0, 1, 32)])
+                                            acc16[pi, T.ramp(16, 1, 16)] = acc16[
+                                                pi, T.ramp(16, 1, 16)] + _pmaddubs(T.reinterpret(
+                                                    T.broadcast(T.reinterpret(q4f[T.ramp(
+                                                        (pix[pi] + ry * dh * wp + rx * dw)
+                                                        * slots + (chunks[g, 0] + qd) * 4,
+                                                        1, 4)], dtype="int32"), 8),
+                                                    dtype="uint8x32"),
+                                                    panel4[(ry * kw + rx) * nq + chunks[g, 0]
+                                                           + qd, T.ramp(32, 1, 32)])
+                                for pi in T.unroll(TP):
+                                    accl[pi, T.ramp(0, 1, 8)] = accl[pi, T.ramp(0, 1, 8)] + \
+                                        _pmadd(acc16[pi, T.ramp(0, 1, 16)], T.broadcast(
+                                            T.Cast("int16", T.shift_left(1, chunks[g, 2])), 16))
+                                    accl[pi, T.ramp(8, 1, 8)] = accl[pi, T.ramp(8, 1, 8)] + \
+                                        _pmadd(acc16[pi, T.ramp(16, 1, 16)], T.broadcast(
+                                            T.Cast("int16", T.shift_left(1, chunks[g, 2])), 16))
+                            # constant accumulator indices only (unrolled), so LLVM keeps
+                            # the tile in registers
                             if layout == "OP":
-                                for oi in range(TO):
+                                for oi in T.unroll(TO):
                                     for pi in T.unroll(TP):
                                         acc[b, (t // nchunk) * TO + oi,
                                             ((t % nchunk) * ppc + pt) * TP + pi] = accl[pi, oi]
                             else:
                                 for pi in T.unroll(TP):
-                                    for oi in T.vectorized(TO):
-                                        acc[b, ((t % nchunk) * ppc + pt) * TP + pi,
-                                            (t // nchunk) * TO + oi] = accl[pi, oi]
+                                    for hh in T.unroll(2):
+                                        for oi in T.vectorized(8):
+                                            acc[b, ((t % nchunk) * ppc + pt) * TP + pi,
+                                                (t // nchunk) * TO + hh * 8 + oi] = accl[
+                                                pi, hh * 8 + oi]
 
     return mixed_gemm
 
@@ -310,6 +481,7 @@ KERNELS = {
     "quantize_nhwc": quantize_nhwc,
     "quantize_rows": quantize_rows,
     "mixed_gemm": mixed_gemm,
+    "low_layout": LowLayout,
     "dequantize": dequantize,
     "quantize_padded": quantize_padded,
     "mixed_grouped_conv": mixed_grouped_conv,

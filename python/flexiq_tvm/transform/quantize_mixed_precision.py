@@ -38,17 +38,6 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def pack_int4_blocks(codes: np.ndarray, to: int) -> np.ndarray:
-    """4-bit codes ``[K, O]`` (K even, O a multiple of ``to``) -> uint8
-    ``[K/2, O/to, to]``: per row pair and block of ``to`` outputs the ``2*to`` codes in
-    interleaved order ``e = 2*output + (row % 2)``; byte ``j`` holds ``e = j`` in its low nibble
-    and ``e = j + to`` in its high nibble."""
-    k, o = codes.shape
-    nib = (codes.astype(np.int32) & 15).astype(np.uint8)
-    e = interleave_pairs(nib).reshape(k // 2, o // to, 2 * to)
-    return e[:, :, :to] | (e[:, :, to:] << 4)
-
-
 def interleave_pairs(w: np.ndarray) -> np.ndarray:
     """``[K, O]`` (K even) -> ``[K/2, 2*O]``: row pairs interleaved per output, the operand
     order of ``vpmaddwd`` (element ``2*o + r`` of pair ``kp`` is ``w[2*kp + r, o]``)."""
@@ -168,7 +157,6 @@ class QuantizeMixedPrecision:
         gvs, consts = {}, {}
         consts["mult"] = relax.const(layer.mult, "float32")
         consts["sa"] = relax.const(layer.sa, "int32")
-        consts["st"] = relax.const((layer.sa + layer.sw).astype(np.int32), "int32")
         w4codes = ref.extract_bits(layer.codes.astype(np.int32),
                                    ref.per_weight(layer.sw, lp.weight_shape, lp.groups), True)
         if kind == g.CONV and layer.grouped:
@@ -190,6 +178,7 @@ class QuantizeMixedPrecision:
             consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
             consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
             consts["rank"] = relax.const(layer.rank, "int32")
+            consts["st"] = relax.const((layer.sa + layer.sw).astype(np.int32), "int32")
             layer.geo = dict(hp=hp, wp=wp, o=o, oh=oh, ow=ow, kk=kh * kw)
             layer.w_bytes = dict(int8=layer.codes.size, int4_packed=consts["w4"].value.numpy().size)
             return gvs, consts, layer
@@ -207,39 +196,59 @@ class QuantizeMixedPrecision:
             stride = tuple(int(v) for v in a.strides)
             dil = tuple(int(v) for v in a.dilation)
             cpad = _round_up(c, 2)
-            gvs["q"] = bb.add_func(k["quantize_nhwc"](n, c, h, w, pad4, cpad, inv, signed),
-                                   f"{name}_quantize")
         else:  # a linear layer: a 1x1 conv over the m rows
             c = layer.x_shape[-1]
             n, kh, kw, stride, dil = 1, 1, 1, (1, 1), (1, 1)
             oh, ow = 1, int(np.prod(layer.x_shape[:-1]))
             hp, wp = 1, ow
             cpad = _round_up(c, 2)
-            gvs["q"] = bb.add_func(k["quantize_rows"](ow, c, cpad, inv, signed),
-                                   f"{name}_quantize")
         kk = kh * kw
         p = oh * ow
         ppad = _round_up(p, tp)
+        st = (layer.sa + layer.sw).astype(np.int32)
+        low = k["low_layout"](st, layer.n_max, kk)
+        layer.low = low
+        if kind == g.CONV:
+            gvs["q"] = bb.add_func(k["quantize_nhwc"](n, c, h, w, pad4, cpad, low.slots, inv,
+                                                      signed), f"{name}_quantize")
+        else:
+            gvs["q"] = bb.add_func(k["quantize_rows"](ow, c, cpad, low.slots, inv, signed),
+                                   f"{name}_quantize")
         layer.geo = dict(n=n, c=c, hp=hp, wp=wp, cpad=cpad, p=p, ppad=ppad, oh=oh, ow=ow, o=o,
-                         opad=opad, kk=kk)
+                         opad=opad, kk=kk, slots=low.slots, ngmax=low.max_chunks())
         layout = "OP" if kind == g.CONV else "PO"
-        c4 = _round_up(layer.n_max, 2) if layer.n_max else 0
-        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, hp, wp, cpad, kh, kw, stride, dil, oh, ow,
-                                                  opad, c4, layout), f"{name}_gemm")
+        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(),
+                                                  kh, kw, stride, dil, oh, ow, opad, layout),
+                                  f"{name}_gemm")
         gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout,
                                                  layer.y_shape),
                                  f"{name}_dequantize")
-        # rows k = (ky*kw + kx)*cpad + c; the 4-bit block keeps the first c4 channels per tap
+        # 8-bit rows k = (ky*kw + kx)*cpad + c, row pairs interleaved per output
         w_rc = np.zeros((kh, kw, cpad, opad), np.int8)
         w_rc[:, :, :c, :o] = layer.codes.reshape(o, c, kh, kw).transpose(2, 3, 1, 0)
-        w4 = np.zeros((kh, kw, max(c4, 2), opad), np.int32)
-        w4[:, :, :layer.n_max, :o] = w4codes.reshape(o, c, kh, kw).transpose(
-            2, 3, 1, 0)[:, :, :layer.n_max]
         consts["w8"] = relax.const(interleave_pairs(w_rc.reshape(kk * cpad, opad)), "int8")
-        consts["w4"] = relax.const(pack_int4_blocks(w4.reshape(-1, opad), to), "uint8")
+        # 4-bit codes [taps, c, o] in the kernel's slot layout, two per byte
+        layer.w4taps = w4codes.reshape(o, c, kk).transpose(2, 1, 0)
+        consts["w4"] = relax.const(low.pack(layer.w4taps, opad), "uint8")
+        consts["slot_chan"] = relax.const(low.slot_chan, "int32")
         layer.w_bytes = dict(int8=int(o * c * kk),
-                             int4_packed=int(kk * c4 * opad // 2) if c4 else 0)
+                             int4_packed=int(consts["w4"].value.numpy().size) if layer.n_max
+                             else 0)
         return gvs, consts, layer
+
+    @staticmethod
+    def _variant_consts(layer, n_low):
+        """Per-ratio operands of the GEMM kernel: the 4-bit chunk table, its length, and the
+        offset correction of signed 4-bit activations."""
+        low, geo = layer.low, layer.geo
+        rows = low.chunks(n_low)
+        ng = int((rows[:, 1] > 0).sum())
+        table = np.zeros((geo["ngmax"], 3), np.int32)
+        table[: len(rows)] = rows
+        corr = np.zeros(geo["opad"], np.int32)
+        if layer.lp.act_signed and n_low:
+            corr = low.correction(layer.w4taps, layer.sa + layer.sw, n_low, geo["opad"])
+        return relax.const(table, "int32"), ng, relax.const(corr, "int32")
 
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
         geo = layer.geo
@@ -255,17 +264,19 @@ class QuantizeMixedPrecision:
             acc3 = bb.emit(relax.op.reshape(acc, (n, geo["o"], geo["oh"] * geo["ow"])))
             return relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
                                   relax.TensorType(layer.y_shape, "float32")), acc
-        if kind == g.CONV:
-            q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], nl),
-                                       relax.TensorType((geo["n"], geo["hp"], geo["wp"],
-                                                         geo["cpad"]), "int16")))
-        else:
-            x2 = bb.emit(relax.op.reshape(x, (geo["p"], geo["c"])))
-            q = bb.emit(relax.call_tir(gvs["q"], (x2, consts["sa"], consts["st"], nl),
-                                       relax.TensorType((1, 1, geo["p"], geo["cpad"]), "int16")))
+        xin = x if kind == g.CONV else bb.emit(relax.op.reshape(x, (geo["p"], geo["c"])))
+        qq = bb.emit(relax.call_tir(
+            gvs["q"], (xin, consts["sa"], consts["slot_chan"], nl),
+            [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), "int16"),
+             relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["slots"]), "uint8")]))
+        q8 = bb.emit(relax.TupleGetItem(qq, 0))
+        q4 = bb.emit(relax.TupleGetItem(qq, 1))
+        chunks, ng, corr = self._variant_consts(layer, n_low)
         shape = ((geo["n"], geo["opad"], geo["ppad"]) if kind == g.CONV
                  else (1, geo["ppad"], geo["opad"]))
-        acc = bb.emit(relax.call_tir(gvs["gemm"], (q, consts["w8"], consts["w4"], nl),
-                                     relax.TensorType(shape, "int32")))
+        acc = bb.emit(relax.call_tir(
+            gvs["gemm"], (q8, q4, consts["w8"], consts["w4"], consts["slot_chan"], chunks,
+                          tvm.tirx.IntImm("int32", ng), corr, nl),
+            relax.TensorType(shape, "int32")))
         return relax.call_tir(gvs["deq"], (acc, consts["mult"]),
                               relax.TensorType(layer.y_shape, "float32")), acc
