@@ -49,13 +49,17 @@ def _act_bounds(signed: bool) -> tuple[int, int, int, int]:
 class LowLayout:
     """Where a GEMM layer's 4-bit channels live for the ``vpmaddubsw`` path.
 
-    The 4-bit block (the reordered channel prefix ``[0, n_max)``) is stored in *slots*, four
-    per quad (one ``vpmaddubsw`` pair of pairs per output). A quad holds channels of one total
-    shift only (the low block is already grouped by shift inside each ratio segment): each run
-    of equal shift is padded to whole quads, and a pad slot holds no channel (-1). Runs are cut
-    into *chunks* of at most ``flush`` quads x taps (int16 partial sums stay exact: a quad adds
-    at most 2 x 15 x 8 = 240 per lane, 136 x 240 < 2**15), and each chunk is flushed into the
-    int32 accumulator by ``vpmaddwd`` with ``2**shift``.
+    The 4-bit block (the reordered channel prefix ``[0, n_max)``, nested across ratios) is
+    stored in *slots*, four per quad (one ``vpmaddubsw`` pair of pairs per output). A quad
+    holds channels of one total shift only: the slots are grouped into one *run* per shift
+    value (at most 9), each run holding its channels in channel order and padded to whole
+    quads (a pad slot holds no channel, -1). At a given ``n_low`` the active channels of a run
+    are a prefix of it (the low sets are prefixes of the channel order), so the kernel reads
+    each run up to its last active quad; an inactive channel in a read quad holds the code of
+    0 in the 4-bit activation buffer and adds nothing. Runs are cut into *chunks* of at most
+    ``flush`` quads x taps (int16 partial sums stay exact: a quad adds at most 2 x 15 x 8 = 240
+    per lane, 136 x 240 < 2**15), each flushed into the int32 accumulator by ``vpmaddwd`` with
+    ``2**shift``.
 
     Attributes
     ----------
@@ -68,15 +72,12 @@ class LowLayout:
 
     def __init__(self, shift: np.ndarray, n_max: int, taps: int) -> None:
         shift = np.asarray(shift, np.int64)[:n_max]
-        chans, runs, c = [], [], 0
-        while c < n_max:
-            e = c
-            while e < n_max and shift[e] == shift[c]:
-                e += 1
-            quads = -(-(e - c) // 4)
-            runs.append((len(chans) // 4, quads, int(shift[c])))
-            chans.extend(list(range(c, e)) + [-1] * (4 * quads - (e - c)))
-            c = e
+        chans, runs = [], []
+        for sh in sorted(set(shift.tolist())):
+            members = np.nonzero(shift == sh)[0].tolist()  # channel order
+            quads = -(-len(members) // 4)
+            runs.append((len(chans) // 4, quads, int(sh)))
+            chans.extend(members + [-1] * (4 * quads - len(members)))
         if not chans:
             chans = [-1] * 4
         self.slot_chan = np.asarray(chans, np.int32)
