@@ -3,7 +3,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow bench lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# FlexiQ vs torch / onnxruntime / TVM FP32, kernels and ratio switch (tens of minutes)
+bench: setup
+	$(BIN)/flexiq-tvm -v bench --json docs/results/bench.json
 
 lint: setup
 	$(BIN)/ruff check python tests setup.py

@@ -120,6 +120,31 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    systems = tuple(args.systems.split(",")) if args.systems else bench.PEERS + ("flexiq-llvm",)
+    unknown = set(systems) - set(bench.PEERS + ("flexiq-llvm",))
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from "
+                         f"{list(bench.PEERS) + ['flexiq-llvm']}")
+    models = tuple(args.models.split(",")) if args.models else bench.DEFAULT_MODELS
+    for m in models:
+        if m not in _models():
+            raise ValueError(f"unknown model {m!r}; choose from {_models()}")
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if args.kernels_only:
+        doc = {"machine": bench.machine(), "rows": [], "kernels": bench.bench_kernels(),
+               "switch_us": None}
+        doc["summary"] = bench.summarize(doc)
+    else:
+        doc = bench.run(models, batches, repeat=args.repeat, systems=systems,
+                        kernels=not args.no_kernels)
+    bench.print_bench(doc)
+    _write_json(doc, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -189,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=1000, help="test images per ratio")
     c.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     c.set_defaults(func=cmd_compile)
+
+    b = sub.add_parser("bench", help="latency of FlexiQ modules beside torch, onnxruntime and "
+                       "TVM FP32, plus kernel timings", description="Side by side in one run, "
+                       "same inputs, medians of repeated runs: torch FP32, onnxruntime FP32 and "
+                       "INT8 (static QDQ, per-channel), TVM FP32 (default pipeline) and FlexiQ "
+                       "at each ratio; kernel timings; the ratio-switch cost; peak memory.")
+    b.add_argument("--models", help="comma list (default: resnet20, mobilenetv2, vit, "
+                   "efficientnet-lite0)")
+    b.add_argument("--batches", default="1,32", help="comma list of batch sizes (default 1,32)")
+    b.add_argument("--systems", help="comma list of systems to run (default all)")
+    b.add_argument("--repeat", type=int, default=20, help="timed runs per figure (default 20)")
+    b.add_argument("--kernels-only", action="store_true", help="only the kernel timings")
+    b.add_argument("--no-kernels", action="store_true", help="skip the kernel timings")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "

@@ -1,0 +1,344 @@
+"""``flexiq-tvm bench``: FlexiQ modules beside their peers, side by side in one run.
+
+Every system runs the same real input batch of the model's evaluation data; each figure is the
+median of repeated runs after warm-up, with every system using all of the machine's cores:
+
+* ``torch-fp32``: the zoo model in eager PyTorch (``torch.no_grad``);
+* ``onnxruntime-fp32`` / ``onnxruntime-int8``: the model exported to ONNX, and its static QDQ
+  quantization (per-channel INT8 weights, UINT8 activations calibrated on the model's
+  calibration images) by ``onnxruntime.quantization.quantize_static``;
+* ``tvm-fp32``: TVM's default Relax pipeline on the same graph (unscheduled conv2d);
+* ``flexiq-llvm``: :func:`flexiq_tvm.compile` (static selection), one row per ratio.
+
+``peak_mem_mb`` is the largest resident-set growth of the process while a system is built and
+run, sampled every millisecond (the build's transient memory included). Kernel rows time one
+FlexiQ GEMM kernel on random codes; ``switch_us`` is the cost of ``set_ratio``.
+JSON keys (DESIGN.md): ``{"machine", "rows": [{"model", "batch", "system", "ratio",
+"median_ms", "peak_mem_mb"}], "kernels": [{"name", "ratio", "median_us"}], "switch_us"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist",
+                  "efficientnet_lite0_imagenet")
+PEERS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "tvm-fp32")
+
+
+def machine() -> dict:
+    """CPU model, cores and the SIMD features the kernels care about."""
+    info = {"platform": platform.platform(), "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["simd"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw",
+                                                  "avx512_vnni", "avx_vnni") if f in flags)
+                break
+    except OSError:
+        pass
+    return info
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+class PeakRSS:
+    """Context manager: the largest RSS growth (MB) over its body, sampled every 1 ms."""
+
+    def __enter__(self):
+        import gc
+
+        import psutil
+
+        gc.collect()
+        self._proc = psutil.Process()
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _onnx_fp32(model, x: np.ndarray, path: Path) -> Path:
+    """Plain inference export (BatchNorm folded by the exporter), the peers' best case."""
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (torch.from_numpy(x),), str(path), opset_version=17,
+                          dynamo=False, input_names=["input"], output_names=["output"])
+    return path
+
+
+def _onnx_int8(fp32_path: Path, calib: np.ndarray, batch: int, path: Path) -> Path:
+    """Static QDQ quantization of the FP32 export, calibrated on ``calib`` in batches of the
+    model's static batch size."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"input": calib[i : i + batch]} for i in range(0, len(calib), batch)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return path
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repeat: int = 20,
+                systems=PEERS + ("flexiq-llvm",), tvm_repeat: int = 3) -> tuple[list, float]:
+    """Rows for one model and batch size; also the ratio-switch cost (µs) of its module."""
+    import torch
+
+    import flexiq_tvm
+
+    from . import frontend
+    from .config import FlexiQConfig
+    from .eval import load_calibration, load_eval_data
+    from .quantize import quantize
+    from .zoo import registry
+
+    model = registry.get_model(name).eval()
+    _, xs, _ = load_eval_data(name, batch)
+    if len(xs) < batch:
+        xs = np.concatenate([xs] * (-(-batch // len(xs))))[:batch]
+    x = np.ascontiguousarray(xs[:batch])
+    calib = load_calibration(name, 32)
+    rows, switch = [], float("nan")
+
+    def row(system, ratio, ms, mem):
+        rows.append({"model": name, "batch": batch, "system": system, "ratio": ratio,
+                     "median_ms": ms, "peak_mem_mb": mem})
+        log.info("%s b%d %s %s: %.3f ms (peak +%.1f MB)", name, batch, system,
+                 "" if ratio is None else f"r{ratio:g}", ms, mem)
+
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        if "torch-fp32" in systems:
+            torch.set_num_threads(threads)
+            xt = torch.from_numpy(x)
+            with PeakRSS() as m, torch.no_grad():
+                ms = median_ms(lambda: model(xt), repeat)
+            row("torch-fp32", None, ms, m.mb)
+        fp32_path = None
+        if "onnxruntime-fp32" in systems or "onnxruntime-int8" in systems:
+            fp32_path = _onnx_fp32(model, x, Path(tmp) / "fp32.onnx")
+        if "onnxruntime-fp32" in systems:
+            with PeakRSS() as m:
+                sess = _ort_session(fp32_path)
+                ms = median_ms(lambda: sess.run(None, {"input": x}), repeat)
+            row("onnxruntime-fp32", None, ms, m.mb)
+        if "onnxruntime-int8" in systems:
+            cal = np.concatenate([calib] * (-(-batch // len(calib))))[: max(batch, len(calib))]
+            cal = cal[: (len(cal) // batch) * batch]
+            with PeakRSS() as m:
+                sess = _ort_session(_onnx_int8(fp32_path, cal, batch, Path(tmp) / "int8.onnx"))
+                ms = median_ms(lambda: sess.run(None, {"input": x}), repeat)
+            row("onnxruntime-int8", None, ms, m.mb)
+        if "tvm-fp32" in systems:
+            with PeakRSS() as m:
+                runner = frontend.build_fp32(frontend.import_model(model, x))
+                ms = median_ms(lambda: runner(x), tvm_repeat, warmup=1)
+            row("tvm-fp32", None, ms, m.mb)
+        if "flexiq-llvm" in systems:
+            cfg = FlexiQConfig(selection="static", calib_images=32, ratios=tuple(ratios))
+            plan = quantize(model, calib, cfg, model_name=name, progress=False)
+            with PeakRSS() as m:
+                cm = flexiq_tvm.compile(model, x, plan=plan, config=cfg)
+                cm(x)
+            for r in cm.ratios:
+                cm.set_ratio(r)
+                ms = median_ms(lambda: cm(x), repeat)
+                row("flexiq-llvm", r, ms, m.mb)
+            switch = switch_us(cm)
+    return rows, switch
+
+
+def switch_us(cm, n: int = 2000) -> float:
+    """Median cost of one ``set_ratio`` call on a compiled module, in microseconds."""
+    ratios = list(cm.ratios)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        cm.set_ratio(ratios[i % len(ratios)])
+        times.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(times))
+
+
+KERNEL_SHAPES = {  # name: (channels, spatial size, outputs, kernel size)
+    "conv3x3_64x64_28x28": (64, 28, 64, 3),
+    "conv1x1_256x256_14x14": (256, 14, 256, 1),
+    "linear_768x768_197tok": (768, None, 768, 1),
+}
+
+
+def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> list[dict]:
+    """One FlexiQ GEMM kernel per shape on random codes, at each ratio (median µs)."""
+    import tvm
+
+    from . import frontend
+    from .schedules.llvm import KERNELS, PASS_CONFIG
+    from .schedules.llvm.mixed import TO, TP, LowLayout
+    from .transform.quantize_mixed_precision import interleave_pairs
+
+    def rup(v, m):
+        return -(-v // m) * m
+
+    target = tvm.target.Target(frontend.default_llvm_target())
+    rng = np.random.default_rng(0)
+    out = []
+    for name, (c, hw, o, k) in KERNEL_SHAPES.items():
+        if hw is None:
+            hp, wp, oh, ow = 1, 197, 1, 197
+        else:
+            hp = wp = hw + 2 * (k // 2)
+            oh = ow = hw
+        cpad, opad, kk = rup(c, 2), rup(o, TO), k * k
+        # realistic total shifts (5..8, as calibrated on the zoo) in several runs
+        low = LowLayout(rng.integers(5, 9, size=c), c, kk)
+        f = KERNELS["mixed_gemm"](1, hp, wp, cpad, low.slots, low.max_chunks(), k, k, (1, 1),
+                                  (1, 1), oh, ow, opad, "OP")
+        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+            lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                              target=target)
+        q8 = tvm.runtime.tensor(rng.integers(0, 256, (1, hp, wp, cpad)).astype(np.int16))
+        q4 = tvm.runtime.tensor(rng.integers(0, 16, (1, hp, wp, low.slots)).astype(np.uint8))
+        w8 = tvm.runtime.tensor(interleave_pairs(
+            rng.integers(-127, 128, (kk * cpad, opad)).astype(np.int8)))
+        w4 = tvm.runtime.tensor(low.pack(rng.integers(-8, 8, (kk, c, o)), opad))
+        acc = tvm.runtime.empty((1, opad, rup(oh * ow, TP)), "int32")
+        slot = tvm.runtime.tensor(low.slot_chan)
+        corr = tvm.runtime.tensor(np.zeros(opad, np.int32))
+        timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        for r in ratios:
+            n_low = int(round(r * c))
+            rows = low.chunks(n_low)
+            table = np.zeros((low.max_chunks(), 3), np.int32)
+            table[: len(rows)] = rows
+            res = timer(q8, q4, w8, w4, slot, tvm.runtime.tensor(table),
+                        int((rows[:, 1] > 0).sum()), corr, n_low, acc)
+            us = 1e6 * float(np.median(res.results))
+            macs = oh * ow * o * c * kk
+            out.append({"name": name, "ratio": r, "median_us": us, "gmacs": macs / us / 1e3})
+            log.info("kernel %s r%g: %.1f us (%.1f GMAC/s)", name, r, us, macs / us / 1e3)
+    return out
+
+
+def run(models=DEFAULT_MODELS, batches=(1, 32), ratios=(0.0, 0.25, 0.5, 0.75, 1.0),
+        repeat: int = 20, systems=PEERS + ("flexiq-llvm",), kernels: bool = True) -> dict:
+    """The whole benchmark as the DESIGN.md ``bench`` document."""
+    doc = {"machine": machine(), "rows": [], "kernels": [], "switch_us": None}
+    switches = []
+    if kernels:
+        doc["kernels"] = bench_kernels()
+    for name in models:
+        for b in batches:
+            rows, sw = bench_model(name, b, ratios, repeat, systems)
+            doc["rows"].extend(rows)
+            if sw == sw:  # not NaN
+                switches.append(sw)
+    if switches:
+        doc["switch_us"] = float(np.median(switches))
+    doc["summary"] = summarize(doc)
+    return doc
+
+
+def summarize(doc: dict) -> dict:
+    """Ratios between systems, per model and batch: speedup of each ratio over ratio 0, and
+    each peer's time over FlexiQ's at ratios 0 and 1 (> 1: FlexiQ faster); kernel speedups."""
+    out: dict = {"models": [], "kernels": []}
+    keys = sorted({(r["model"], r["batch"]) for r in doc["rows"]})
+    for model, batch in keys:
+        rs = [r for r in doc["rows"] if r["model"] == model and r["batch"] == batch]
+        fq = {r["ratio"]: r["median_ms"] for r in rs if r["system"] == "flexiq-llvm"}
+        peers = {r["system"]: r["median_ms"] for r in rs if r["system"] != "flexiq-llvm"}
+        entry = {"model": model, "batch": batch}
+        if 0.0 in fq:
+            entry["speedup_vs_r0"] = {f"{k:g}": fq[0.0] / v for k, v in fq.items()}
+            for lab, r in (("r0", 0.0), ("r1", 1.0)):
+                if r in fq:
+                    entry[f"peer_over_{lab}"] = {p: t / fq[r] for p, t in peers.items()}
+        if peers:
+            entry["fastest_peer"] = min(peers, key=peers.get)
+        out["models"].append(entry)
+    kern = {}
+    for k in doc.get("kernels", []):
+        kern.setdefault(k["name"], {})[k["ratio"]] = k["median_us"]
+    for name, t in kern.items():
+        if 0.0 in t:
+            out["kernels"].append({"name": name, **{f"speedup_r{r:g}": t[0.0] / v
+                                                    for r, v in t.items()}})
+    return out
+
+
+def print_bench(doc: dict) -> None:
+    m = doc["machine"]
+    print(f"machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {' '.join(m.get('simd', []))}")
+    if doc["kernels"]:
+        print(f"  {'kernel':<24} {'ratio':>5} {'us':>10} {'GMAC/s':>8}")
+        for k in doc["kernels"]:
+            print(f"  {k['name']:<24} {k['ratio']:>5g} {k['median_us']:>10.1f} "
+                  f"{k['gmacs']:>8.1f}")
+    print(f"  {'model':<28} {'batch':>5} {'system':<18} {'ratio':>5} {'ms':>10} {'+MB':>7}")
+    for r in doc["rows"]:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}"
+        print(f"  {r['model']:<28} {r['batch']:>5} {r['system']:<18} {ratio:>5} "
+              f"{r['median_ms']:>10.3f} {r['peak_mem_mb']:>7.1f}")
+    if doc.get("switch_us") is not None:
+        print(f"  ratio switch (set_ratio): {doc['switch_us']:.2f} us")
+    for e in doc.get("summary", {}).get("models", []):
+        if "peer_over_r0" in e:
+            po0 = ", ".join(f"{p} {v:.2f}x" for p, v in e["peer_over_r0"].items())
+            print(f"  {e['model']} b{e['batch']}: peers / flexiq r0: {po0}")
+        if "peer_over_r1" in e:
+            po1 = ", ".join(f"{p} {v:.2f}x" for p, v in e["peer_over_r1"].items())
+            print(f"  {e['model']} b{e['batch']}: peers / flexiq r1: {po1}")
