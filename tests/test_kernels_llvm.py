@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-
-from flexiq_tvm import frontend
 from flexiq_tvm.schedules.llvm import KERNELS
 from flexiq_tvm.schedules.llvm.mixed import gemm_chunks
+
+from flexiq_tvm import frontend
 from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 
 TO, TP = KERNELS["gemm_tiles"]
@@ -148,11 +148,10 @@ def test_quantize_nhwc_layout_codes_and_padding(signed):
 
 
 def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
+    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.script import relax as R
-
-    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
 
     @tvm.script.ir_module
     class Chain:  # a BatchNorm affine + residual + ReLU, as between two FlexiQ layers

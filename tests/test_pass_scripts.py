@@ -392,10 +392,10 @@ class LinearBefore:
 
 
 def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio():
-    from tvm.script import tirx as T
-
     from flexiq_tvm.schedules.llvm import KERNELS
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
+    from tvm.script import tirx as T
+
     from flexiq_tvm.transform import QuantizeMixedPrecision
     from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 

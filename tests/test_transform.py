@@ -224,6 +224,7 @@ def test_compiled_layers_are_bit_exact_with_the_oracle(cls, shape):
 
 def test_weights_pack_two_nibbles_per_byte_in_the_kernel_order():
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
     from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs, pack_int4_flat
 
     rng = np.random.default_rng(0)

@@ -109,8 +109,12 @@ def _onnx_fp32(model, x: np.ndarray, path: Path) -> Path:
 def _onnx_int8(fp32_path: Path, calib: np.ndarray, batch: int, path: Path) -> Path:
     """Static QDQ quantization of the FP32 export, calibrated on ``calib`` in batches of the
     model's static batch size."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -135,7 +139,7 @@ def _ort_session(path: Path):
 
 
 def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repeat: int = 20,
-                systems=PEERS + ("flexiq-llvm",), tvm_repeat: int = 3) -> tuple[list, float]:
+                systems=(*PEERS, "flexiq-llvm"), tvm_repeat: int = 3) -> tuple[list, float]:
     """Rows for one model and batch size; also the ratio-switch cost (µs) of its module."""
     import torch
 
@@ -260,12 +264,12 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
         corr = tvm.runtime.tensor(np.zeros(opad, np.int32))
         timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
         for r in ratios:
-            n_low = int(round(r * c))
+            n_low = round(r * c)
             rows = low.chunks(n_low)
             table = np.zeros((low.max_chunks(), 3), np.int32)
             table[: len(rows)] = rows
             res = timer(q8, q4, w8, w4, slot, tvm.runtime.tensor(table),
-                        int((rows[:, 1] > 0).sum()), corr, n_low, acc)
+                        (rows[:, 1] > 0).sum().item(), corr, n_low, acc)
             us = 1e6 * float(np.median(res.results))
             macs = oh * ow * o * c * kk
             out.append({"name": name, "ratio": r, "median_us": us, "gmacs": macs / us / 1e3})
@@ -274,7 +278,7 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
 
 
 def run(models=DEFAULT_MODELS, batches=(1, 32), ratios=(0.0, 0.25, 0.5, 0.75, 1.0),
-        repeat: int = 20, systems=PEERS + ("flexiq-llvm",), kernels: bool = True) -> dict:
+        repeat: int = 20, systems=(*PEERS, "flexiq-llvm"), kernels: bool = True) -> dict:
     """The whole benchmark as the DESIGN.md ``bench`` document."""
     doc = {"machine": machine(), "rows": [], "kernels": [], "switch_us": None}
     switches = []

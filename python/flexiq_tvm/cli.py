@@ -123,11 +123,11 @@ def cmd_compile(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
-    systems = tuple(args.systems.split(",")) if args.systems else bench.PEERS + ("flexiq-llvm",)
-    unknown = set(systems) - set(bench.PEERS + ("flexiq-llvm",))
+    systems = tuple(args.systems.split(",")) if args.systems else (*bench.PEERS, "flexiq-llvm")
+    unknown = set(systems) - set((*bench.PEERS, "flexiq-llvm"))
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from "
-                         f"{list(bench.PEERS) + ['flexiq-llvm']}")
+                         f"{[*bench.PEERS, 'flexiq-llvm']}")
     models = tuple(args.models.split(",")) if args.models else bench.DEFAULT_MODELS
     for m in models:
         if m not in _models():

@@ -33,7 +33,7 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")
-    except Exception:  # noqa: BLE001 - no root block: not a TensorIR compute function
+    except Exception:  # no root block: not a TensorIR compute function
         return func
     blocks = sch.get_child_blocks(root)
     if not blocks or not all(_is_injective(sch, b) for b in blocks):
@@ -41,7 +41,7 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
     try:
         for b in blocks[:-1]:
             sch.compute_inline(b)
-    except Exception:  # noqa: BLE001 - a stage that cannot be inlined: keep the default
+    except Exception:  # a stage that cannot be inlined: keep the default
         return func
     last = sch.get_child_blocks(root)[-1]
     loops = sch.get_loops(last)
