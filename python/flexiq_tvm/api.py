@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -227,6 +228,11 @@ def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, in
         xo = np.empty_like(xin)
         if L.kind == "flexiq.conv2d":
             xo[:, in_perm] = xin
+            pad = [int(v) for v in L.conv_attrs.padding]  # top, left, bottom, right
+            if tuple(lp.padding) != (pad[0], pad[2], pad[1], pad[3]):
+                # the graph pads with a separate op (TF "same" padding): the layer's input
+                # is already padded, its conv pads as the graph says
+                lp = dataclasses.replace(lp, padding=(pad[0], pad[2], pad[1], pad[3]))
             want = ref.layer_forward(xo, lp, lp.low_mask(ratio))[0][:, out_perm]
             n, o, h, w = want.shape
             got = acc.reshape(n, acc.shape[1], -1)[:, :o, : h * w].reshape(want.shape)

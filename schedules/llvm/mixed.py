@@ -337,39 +337,49 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                                                 dtype="int16x16"),
                                                 panel8[(ry * kw + rx) * ch + cp,
                                                        T.ramp(16, 1, 16)])
+                            # 4-bit phase in two halves of TP/2 positions: 6 int16 accumulators
+                            # + 2 weight vectors + 1 broadcast fit the 16 vector registers
                             for g in range(ng):
-                                for pi in T.unroll(TP):
-                                    for hh in T.unroll(2):
-                                        for oi in T.vectorized(TO):
-                                            acc16[pi, hh * TO + oi] = T.int16(0)
-                                for ry, rx in T.grid(kh, kw):
-                                    for qd in range(chunks[g, 1]):
-                                        for pi in T.unroll(TP):
-                                            acc16[pi, T.ramp(0, 1, 16)] = acc16[
-                                                pi, T.ramp(0, 1, 16)] + _pmaddubs(T.reinterpret(
-                                                    T.broadcast(T.reinterpret(q4f[T.ramp(
-                                                        (pix[pi] + ry * dh * wp + rx * dw)
-                                                        * slots + (chunks[g, 0] + qd) * 4,
-                                                        1, 4)], dtype="int32"), 8),
-                                                    dtype="uint8x32"),
-                                                    panel4[(ry * kw + rx) * nq + chunks[g, 0]
-                                                           + qd, T.ramp(0, 1, 32)])
-                                            acc16[pi, T.ramp(16, 1, 16)] = acc16[
-                                                pi, T.ramp(16, 1, 16)] + _pmaddubs(T.reinterpret(
-                                                    T.broadcast(T.reinterpret(q4f[T.ramp(
-                                                        (pix[pi] + ry * dh * wp + rx * dw)
-                                                        * slots + (chunks[g, 0] + qd) * 4,
-                                                        1, 4)], dtype="int32"), 8),
-                                                    dtype="uint8x32"),
-                                                    panel4[(ry * kw + rx) * nq + chunks[g, 0]
-                                                           + qd, T.ramp(32, 1, 32)])
-                                for pi in T.unroll(TP):
-                                    accl[pi, T.ramp(0, 1, 8)] = accl[pi, T.ramp(0, 1, 8)] + \
-                                        _pmadd(acc16[pi, T.ramp(0, 1, 16)], T.broadcast(
-                                            T.Cast("int16", T.shift_left(1, chunks[g, 2])), 16))
-                                    accl[pi, T.ramp(8, 1, 8)] = accl[pi, T.ramp(8, 1, 8)] + \
-                                        _pmadd(acc16[pi, T.ramp(16, 1, 16)], T.broadcast(
-                                            T.Cast("int16", T.shift_left(1, chunks[g, 2])), 16))
+                                for hv in T.unroll(2):
+                                    for pi in T.unroll(TP // 2):
+                                        for hh in T.unroll(2):
+                                            for oi in T.vectorized(TO):
+                                                acc16[hv * (TP // 2) + pi, hh * TO + oi] = \
+                                                    T.int16(0)
+                                    for ry, rx in T.grid(kh, kw):
+                                        for qd in range(chunks[g, 1]):
+                                            for pi in T.unroll(TP // 2):
+                                                acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)] = \
+                                                    acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)] \
+                                                    + _pmaddubs(T.reinterpret(T.broadcast(
+                                                        T.reinterpret(q4f[T.ramp(
+                                                            (pix[hv * (TP // 2) + pi] + ry * dh * wp
+                                                             + rx * dw) * slots
+                                                            + (chunks[g, 0] + qd) * 4, 1, 4)],
+                                                            dtype="int32"), 8), dtype="uint8x32"),
+                                                        panel4[(ry * kw + rx) * nq + chunks[g, 0]
+                                                               + qd, T.ramp(0, 1, 32)])
+                                                acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)] = \
+                                                    acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)] \
+                                                    + _pmaddubs(T.reinterpret(T.broadcast(
+                                                        T.reinterpret(q4f[T.ramp(
+                                                            (pix[hv * (TP // 2) + pi] + ry * dh * wp
+                                                             + rx * dw) * slots
+                                                            + (chunks[g, 0] + qd) * 4, 1, 4)],
+                                                            dtype="int32"), 8), dtype="uint8x32"),
+                                                        panel4[(ry * kw + rx) * nq + chunks[g, 0]
+                                                               + qd, T.ramp(32, 1, 32)])
+                                    for pi in T.unroll(TP // 2):
+                                        accl[hv * (TP // 2) + pi, T.ramp(0, 1, 8)] = accl[
+                                            hv * (TP // 2) + pi, T.ramp(0, 1, 8)] + _pmadd(
+                                            acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)],
+                                            T.broadcast(T.Cast("int16", T.shift_left(
+                                                1, chunks[g, 2])), 16))
+                                        accl[hv * (TP // 2) + pi, T.ramp(8, 1, 8)] = accl[
+                                            hv * (TP // 2) + pi, T.ramp(8, 1, 8)] + _pmadd(
+                                            acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)],
+                                            T.broadcast(T.Cast("int16", T.shift_left(
+                                                1, chunks[g, 2])), 16))
                             # constant accumulator indices only (unrolled), so LLVM keeps
                             # the tile in registers
                             if layout == "OP":
