@@ -180,3 +180,40 @@ def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
         vm = relax.VirtualMachine(ex, tvm.cpu())
         outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("n,c,h,w,groups,o,k,stride,dil", [
+    (1, 16, 14, 14, 16, 16, 3, 1, 1),  # depthwise, 8-column vectors and no ragged end
+    (2, 8, 11, 13, 8, 8, 5, 2, 1),  # batch 2, 5x5, strided, ragged end
+    (1, 12, 9, 9, 4, 24, 3, 1, 2),  # grouped (3 in, 6 out per group), dilated
+])
+def test_mixed_grouped_conv_matches_numpy(n, c, h, w, groups, o, k, stride, dil):
+    from flexiq_tvm.transform.quantize_mixed_precision import pack_int4_flat
+
+    cg, og = c // groups, o // groups
+    pad = k // 2 * dil
+    hp, wp = h + 2 * pad, w + 2 * pad
+    oh = (hp - dil * (k - 1) - 1) // stride + 1
+    ow = (wp - dil * (k - 1) - 1) // stride + 1
+    rng = np.random.default_rng(c + o)
+    lib = _build(KERNELS["mixed_grouped_conv"](n, c, hp, wp, o, cg, k, k, (stride, stride),
+                                               (dil, dil), oh, ow, groups))
+    q = rng.integers(-2048, 3841, (n, c, hp, wp)).astype(np.int16)
+    w8 = rng.integers(-127, 128, (o, cg, k, k)).astype(np.int8)
+    w4 = rng.integers(-8, 8, (o, cg, k, k))
+    rank = rng.permutation(c).astype(np.int32)  # 4-bit where rank < n_low: no prefix needed
+    for n_low in (0, c // 3, c):
+        acc = tvm.runtime.empty((n, o, oh, ow), "int32")
+        lib["main"](tvm.runtime.tensor(q), tvm.runtime.tensor(w8),
+                    tvm.runtime.tensor(pack_int4_flat(w4)), tvm.runtime.tensor(rank), n_low, acc)
+        want = np.zeros((n, o, oh, ow), np.int64)
+        for oc in range(o):
+            for ci in range(cg):
+                cin = oc // og * cg + ci
+                wt = w4[oc, ci] if rank[cin] < n_low else w8[oc, ci].astype(np.int64)
+                for ry in range(k):
+                    for rx in range(k):
+                        win = q[:, cin, ry * dil : ry * dil + stride * (oh - 1) + 1 : stride,
+                                rx * dil : rx * dil + stride * (ow - 1) + 1 : stride]
+                        want[:, oc] += win.astype(np.int64) * wt[ry, rx]
+        np.testing.assert_array_equal(acc.numpy(), want, err_msg=f"n_low={n_low}")

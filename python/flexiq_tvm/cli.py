@@ -38,7 +38,10 @@ def cmd_train(args) -> int:
 def _search_overrides(args) -> dict:
     names = ("seed", "calib_images", "search_images", "population", "generations",
              "sensitivity_steps")
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    out = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if getattr(args, "depthwise_8bit", False):
+        out["depthwise_low"] = False
+    return out
 
 
 def _add_search_args(p) -> None:
@@ -51,6 +54,8 @@ def _add_search_args(p) -> None:
                    help="evolutionary generations per ratio (default 16)")
     p.add_argument("--sensitivity-steps", type=int, default=None,
                    help="points per layer sensitivity curve (default 8)")
+    p.add_argument("--depthwise-8bit", action="store_true",
+                   help="keep depthwise convs 8-bit (the ratio then counts the other layers)")
 
 
 def cmd_quantize(args) -> int:

@@ -456,12 +456,19 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
 
 def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups):
     """Direct grouped conv over padded codes -> acc i32[n,o,oh,ow]; the raw 4-bit weight where
-    ``rank[cin] < n_low`` (whose activation codes come pre-shifted), else the INT8 weight."""
+    ``rank[cin] < n_low`` (whose activation codes come pre-shifted), else the INT8 weight.
+
+    Parallel over (image, output channel); the channel's ``cg x kh x kw`` weights are decoded
+    once into a small register-resident buffer, then each output row is computed 8 columns at
+    a time (taps unrolled, int32 vector accumulator), the ragged end column by column.
+    """
     og = o // groups
     sh, sw = stride
     dh, dw = dil
-    nw = o * cg * kh * kw
+    kk = kh * kw
+    nw = o * cg * kk
     npk = (nw + 1) // 2
+    xv = ow // 8 * 8  # columns done 8 at a time
 
     @T.prim_func(private=True, s_tir=True)
     def mixed_grouped_conv(q: T.Buffer((n, c, hp, wp), "int16"),
@@ -470,19 +477,36 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
                            acc: T.Buffer((n, o, oh, ow), "int32")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
-            for b in range(n):
-                for oc in T.parallel(o):
-                    for y, x in T.grid(oh, ow):
-                        acc[b, oc, y, x] = 0
-                    for ci, ry, rx in T.grid(cg, kh, kw):
-                        for y, x in T.grid(oh, ow):
-                            acc[b, oc, y, x] = acc[b, oc, y, x] + T.Cast("int32", q[
-                                b, (oc // og) * cg + ci, y * sh + ry * dh, x * sw + rx * dw]) * \
-                                T.if_then_else(rank[(oc // og) * cg + ci] < n_low, T.bitwise_xor(
-                                    T.bitwise_and(T.shift_right(T.Cast("int32", w4[(
-                                        ((oc * cg + ci) * kh + ry) * kw + rx) // 2]), (((
-                                            (oc * cg + ci) * kh + ry) * kw + rx) % 2) * 4), 15),
-                                    8) - 8, T.Cast("int32", w8[oc, ci, ry, rx]))
+            for bo in T.parallel(n * o):
+                wv = T.decl_buffer((cg * kk,), "int32")
+                vec = T.decl_buffer((8,), "int32")
+                for ci, r in T.grid(cg, kk):
+                    wv[ci * kk + r] = T.if_then_else(
+                        rank[(bo % o) // og * cg + ci] < n_low,
+                        T.bitwise_xor(T.bitwise_and(T.shift_right(
+                            T.Cast("int32", w4[(((bo % o) * cg + ci) * kk + r) // 2]),
+                            (((bo % o) * cg + ci) * kk + r) % 2 * 4), 15), 8) - 8,
+                        T.Cast("int32", w8[bo % o, ci, r // kw, r % kw]))
+                for y in range(oh):
+                    for xo in range(xv // 8):
+                        for xi in T.vectorized(8):
+                            vec[xi] = 0
+                        for ci in range(cg):
+                            for r in T.unroll(kk):
+                                for xi in T.vectorized(8):
+                                    vec[xi] = vec[xi] + T.Cast("int32", q[
+                                        bo // o, (bo % o) // og * cg + ci,
+                                        y * sh + r // kw * dh,
+                                        (xo * 8 + xi) * sw + r % kw * dw]) * wv[ci * kk + r]
+                        for xi in T.vectorized(8):
+                            acc[bo // o, bo % o, y, xo * 8 + xi] = vec[xi]
+                    for x in range(ow - xv):
+                        acc[bo // o, bo % o, y, xv + x] = 0
+                        for ci, r in T.grid(cg, kk):
+                            acc[bo // o, bo % o, y, xv + x] = acc[bo // o, bo % o, y, xv + x] + \
+                                T.Cast("int32", q[bo // o, (bo % o) // og * cg + ci,
+                                                  y * sh + r // kw * dh,
+                                                  (xv + x) * sw + r % kw * dw]) * wv[ci * kk + r]
 
     return mixed_grouped_conv
 
