@@ -1,7 +1,8 @@
 """flexiq-tvm: FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.
 
 Public API (this version): :func:`compile` (model -> :class:`CompiledModule` with one
-function per low-bit ratio), :class:`FlexiQConfig`, :func:`quantize` (calibration and nested
+function per low-bit ratio; ``.export(path)``), :func:`load` (artifact -> runnable
+:class:`FlexiQModule`, no torch needed), :class:`FlexiQConfig`, :func:`quantize` (calibration and nested
 channel selection -> :class:`QuantPlan`), :class:`FakeQuantModel` (integer-exact torch
 emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the frontends
 :mod:`flexiq_tvm.frontend` and the model zoo :mod:`flexiq_tvm.zoo`.
@@ -11,6 +12,7 @@ from .api import CompiledModule, CompileReport, compile
 from .config import FlexiQConfig
 from .plan import LayerPlan, QuantPlan
 from .quantize import quantize
+from .runtime import ArtifactError, FlexiQModule, load
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ def __getattr__(name):  # torch-dependent names load on first use
     raise AttributeError(f"module 'flexiq_tvm' has no attribute {name!r}")
 
 
-__all__ = ["CompileReport", "CompiledModule", "FakeQuantModel", "FlexiQConfig", "LayerPlan",
-           "QuantPlan", "__version__", "compile", "quantize"]
+__all__ = ["ArtifactError", "CompileReport", "CompiledModule", "FakeQuantModel",
+           "FlexiQConfig", "FlexiQModule", "LayerPlan", "QuantPlan", "__version__", "compile",
+           "load", "quantize"]

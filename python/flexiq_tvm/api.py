@@ -11,6 +11,7 @@ import numpy as np
 
 from .config import FlexiQConfig
 from .plan import QuantPlan
+from .runtime.module import FlexiQModule
 
 log = logging.getLogger(__name__)
 
@@ -47,60 +48,24 @@ class CompileReport:
         return "\n".join(lines)
 
 
-class CompiledModule:
-    """A compiled FlexiQ module: ``mod(x)``, ``mod.set_ratio(r)``, ``mod.ratios``, ``report``."""
+class CompiledModule(FlexiQModule):
+    """A compiled FlexiQ module: ``mod(x)``, ``mod(x, ratio=r)``, ``mod.set_ratio(r)``,
+    ``mod.ratios``, ``mod.report``, ``mod.export(path)`` (see
+    :class:`flexiq_tvm.runtime.FlexiQModule`, which this extends with the compile report, the
+    plan and, with ``expose_layers``, every covered layer's tensors)."""
 
     def __init__(self, executable, ratios, input_shape, report: CompileReport, plan: QuantPlan,
-                 device=None, expose_layers: bool = False, layers=None) -> None:
-        import tvm
-        from tvm import relax
-
-        from .transform import variant_name
-
-        self.executable = executable
-        self.device = device or tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
-        self._ratios = tuple(float(r) for r in ratios)
-        self._funcs = {r: self.vm[variant_name(r)] for r in self._ratios}
-        self.input_shape = tuple(input_shape)
-        self.input_dtype = "float32"
+                 device=None, expose_layers: bool = False, layers=None,
+                 metadata: dict | None = None) -> None:
+        super().__init__(executable, ratios, input_shape, "float32", device=device,
+                         metadata=metadata)
         self.report = report
         self.plan = plan
         self.expose_layers = expose_layers
         self.layers = layers or []
-        self.ratio = self._ratios[0]
 
-    @property
-    def ratios(self) -> tuple[float, ...]:
-        return self._ratios
-
-    def set_ratio(self, ratio: float) -> None:
-        """Select the variant for ``ratio`` (O(1): a dictionary lookup)."""
-        r = float(ratio)
-        if r not in self._funcs:
-            raise ValueError(f"ratio {ratio} was not compiled; compiled ratios: "
-                             f"{list(self._ratios)}")
-        self.ratio = r
-
-    def _check(self, x) -> np.ndarray:
-        x = np.asarray(x)
-        if x.dtype != np.float32:
-            raise TypeError(f"input dtype {x.dtype}; the module was compiled for float32")
-        if tuple(x.shape) != self.input_shape:
-            raise ValueError(f"input shape {tuple(x.shape)}; the module was compiled for "
-                             f"{self.input_shape}")
-        return np.ascontiguousarray(x)
-
-    def run(self, x, ratio: float | None = None):
-        """Raw outputs of one variant (a tuple when ``expose_layers``)."""
-        import tvm
-
-        if ratio is not None:
-            self.set_ratio(ratio)
-        return self._funcs[self.ratio](tvm.runtime.tensor(self._check(x), self.device))
-
-    def __call__(self, x) -> np.ndarray:
-        out = self.run(x)
+    def __call__(self, x, ratio: float | None = None) -> np.ndarray:
+        out = self.run(x, ratio)
         if self.expose_layers:
             out = out[0]
         while not hasattr(out, "numpy"):
@@ -209,8 +174,22 @@ def compile(model, example_input, calib_data=None, target="llvm",
                                  "reason": "plan layer not found in the graph"})
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
+    meta = {"target": tgt.export() if hasattr(tgt, "export") else str(tgt),
+            "model": plan.model, "via": via,
+            "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),
+                     "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
+                     "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}},
+            "report": report.as_dict()}
     return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
-                          layers=qpass.layers)
+                          layers=qpass.layers, metadata=json_safe(meta))
+
+
+def json_safe(obj):
+    """``obj`` with numpy scalars/arrays and TVM containers turned into JSON types."""
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
 
 
 def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, int]]:

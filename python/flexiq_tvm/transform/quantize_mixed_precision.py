@@ -25,13 +25,9 @@ import tvm
 from tvm import relax
 
 from .. import reference as ref
+from ..runtime.module import variant_name
 from ..plan import QuantPlan
 from . import _graph as g
-
-
-def variant_name(ratio: float) -> str:
-    """``0.25 -> "main_r025"``."""
-    return f"main_r{round(float(ratio) * 100):03d}"
 
 
 def _round_up(v: int, m: int) -> int:

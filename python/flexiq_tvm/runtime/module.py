@@ -1,0 +1,136 @@
+"""The deployable side of a FlexiQ module: call it, switch ratios, profile it, export it.
+
+:class:`FlexiQModule` wraps a built Relax executable holding one entry function per ratio
+(``main_r000``, ``main_r050``, ...). It imports neither torch nor the quantizer, so a module
+loaded from an artifact (:func:`flexiq_tvm.load`) runs with TVM and numpy alone.
+
+Thread safety: each thread gets its own ``VirtualMachine`` over the shared executable (a VM
+keeps per-call state), so concurrent calls return exactly what serial calls return. The
+module-wide ratio is one attribute write (``set_ratio``); a call may also name its own ratio
+without touching the module-wide one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+
+def variant_name(ratio: float) -> str:
+    """``0.25 -> "main_r025"`` (the entry function of a ratio)."""
+    return f"main_r{round(float(ratio) * 100):03d}"
+
+
+class FlexiQModule:
+    """A compiled FlexiQ module: ``mod(x)``, ``mod(x, ratio=r)``, ``mod.set_ratio(r)``.
+
+    Parameters
+    ----------
+    executable
+        A ``relax`` Executable or a runtime Module loaded from an exported library.
+    ratios
+        The compiled ratios (each has an entry function ``variant_name(r)``).
+    input_shape, input_dtype
+        What the module was compiled for; calls with anything else raise before running.
+    metadata
+        Free-form facts kept with the module (profile, accuracy, plan summary, target, ...).
+    """
+
+    def __init__(self, executable, ratios, input_shape, input_dtype: str = "float32",
+                 device=None, metadata: dict | None = None) -> None:
+        import tvm
+
+        self.executable = executable
+        self.device = device or tvm.cpu()
+        self._ratios = tuple(float(r) for r in ratios)
+        if not self._ratios:
+            raise ValueError("a FlexiQ module needs at least one ratio")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_dtype = str(input_dtype)
+        self.metadata = dict(metadata or {})
+        self.ratio = self._ratios[0]
+        self._local = threading.local()
+        self._vm()  # fail early if an entry function is missing
+
+    # ------------------------------------------------------------------ ratios
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return self._ratios
+
+    def _checked(self, ratio: float) -> float:
+        r = float(ratio)
+        if r not in self._ratios:
+            raise ValueError(f"ratio {ratio} was not compiled; compiled ratios: "
+                             f"{list(self._ratios)}")
+        return r
+
+    def set_ratio(self, ratio: float) -> None:
+        """Make ``ratio`` the module-wide default (a validated attribute write: microseconds)."""
+        self.ratio = self._checked(ratio)
+
+    # ------------------------------------------------------------------ calls
+    def _vm(self):
+        funcs = getattr(self._local, "funcs", None)
+        if funcs is None:
+            from tvm import relax
+
+            vm = relax.VirtualMachine(self.executable, self.device)
+            funcs = {r: vm[variant_name(r)] for r in self._ratios}
+            self._local.vm, self._local.funcs = vm, funcs
+        return funcs
+
+    def _check(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != np.dtype(self.input_dtype):
+            raise TypeError(f"input dtype {x.dtype}; the module was compiled for "
+                            f"{self.input_dtype}")
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(f"input shape {tuple(x.shape)}; the module was compiled for "
+                             f"{self.input_shape}")
+        return np.ascontiguousarray(x)
+
+    def run(self, x, ratio: float | None = None):
+        """Raw outputs of one variant (``ratio`` for this call only; default the module's)."""
+        import tvm
+
+        r = self.ratio if ratio is None else self._checked(ratio)
+        return self._vm()[r](tvm.runtime.tensor(self._check(x), self.device))
+
+    def __call__(self, x, ratio: float | None = None) -> np.ndarray:
+        out = self.run(x, ratio)
+        while not hasattr(out, "numpy"):
+            out = out[0]
+        return out.numpy()
+
+    # ------------------------------------------------------------------ profile / export
+    def profile(self, x=None, repeat: int = 20, warmup: int = 3) -> dict[str, float]:
+        """Median latency (ms) of each ratio on ``x`` (zeros of the input shape by default)."""
+        x = np.zeros(self.input_shape, self.input_dtype) if x is None else self._check(x)
+        out = {}
+        for r in self._ratios:
+            for _ in range(warmup):
+                self(x, r)
+            times = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                self(x, r)
+                times.append(time.perf_counter() - t)
+            out[f"{r:g}"] = 1e3 * float(np.median(times))
+        return out
+
+    def export(self, path, key: bytes | str | None = None, accuracy: dict | None = None,
+               profile: dict | None = None, metadata: dict | None = None):
+        """Write one artifact file: the library of every ratio variant plus metadata (ratios,
+        input, latency profile, accuracy per ratio, target, versions), checksummed and, with
+        ``key``, signed (HMAC-SHA256). See :mod:`flexiq_tvm.runtime.artifact`."""
+        from .artifact import export
+
+        meta = {**self.metadata, **(metadata or {})}
+        meta["profile_ms"] = profile if profile is not None else (
+            meta.get("profile_ms") or self.profile())
+        if accuracy is not None:
+            meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
+        return export(self.executable, path, ratios=self._ratios, input_shape=self.input_shape,
+                      input_dtype=self.input_dtype, metadata=meta, key=key)
