@@ -22,7 +22,7 @@ bench: setup
 	$(BIN)/flexiq-tvm -v bench --json docs/results/bench.json
 
 lint: setup
-	$(BIN)/ruff check python tests setup.py
+	$(BIN)/ruff check python tests setup.py schedules scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info python/*.egg-info .pytest_cache

@@ -25,8 +25,8 @@ import tvm
 from tvm import relax
 
 from .. import reference as ref
-from ..runtime.module import variant_name
 from ..plan import QuantPlan
+from ..runtime.module import variant_name
 from . import _graph as g
 
 
