@@ -1,10 +1,10 @@
 """flexiq-tvm: FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.
 
-Public API (this version): :func:`compile` (model -> :class:`CompiledModule` with one
-function per low-bit ratio; ``.export(path)``), :func:`load` (artifact -> runnable
-:class:`FlexiQModule`, no torch needed), :class:`FlexiQConfig`, :func:`quantize`
-(calibration and nested channel selection -> :class:`QuantPlan`), :class:`FakeQuantModel`
-(integer-exact torch emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the frontends
+Public API (this version): :func:`compile` (model -> :class:`CompiledModule` with one function
+per low-bit ratio; ``.export(path)``), :func:`load` (artifact -> runnable
+:class:`FlexiQModule`, no torch needed), :class:`FlexiQConfig`, :func:`quantize` (calibration
+and nested channel selection -> :class:`QuantPlan`), :class:`FakeQuantModel` (integer-exact
+torch emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the frontends
 :mod:`flexiq_tvm.frontend` and the model zoo :mod:`flexiq_tvm.zoo`.
 """
 
