@@ -5,5 +5,7 @@ Imports neither torch, the quantizer nor the zoo: an exported artifact runs with
 
 from .artifact import ArtifactError, export, load, read_verified
 from .module import FlexiQModule, variant_name
+from .policy import AdaptivePolicy, Policy, StaticPolicy
 
-__all__ = ["ArtifactError", "FlexiQModule", "export", "load", "read_verified", "variant_name"]
+__all__ = ["AdaptivePolicy", "ArtifactError", "FlexiQModule", "Policy", "StaticPolicy", "export",
+           "load", "read_verified", "variant_name"]
