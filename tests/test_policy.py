@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -37,12 +39,12 @@ def test_no_oscillation_on_a_noisy_queue_and_steps_back_when_calm():
     p = AdaptivePolicy(PROFILE, slo_ms=10.0, patience=8)
     rng = np.random.default_rng(0)
     choices = [p.choose(int(q)) for q in rng.integers(3, 6, size=400)]  # around the edge
-    switches = sum(a != b for a, b in zip(choices, choices[1:], strict=False))
+    switches = sum(a != b for a, b in pairwise(choices))
     assert switches <= 6, switches
     # calm again: back to ratio 0 within a bounded number of requests, one step at a time
     calm = [p.choose(0) for _ in range(8 * len(p.ratios))]
     assert calm[-1] == 0.0
-    steps = [b for a, b in zip(calm, calm[1:], strict=False) if a != b]
+    steps = [b for a, b in pairwise(calm) if a != b]
     assert steps == sorted(steps, reverse=True)
 
 
