@@ -150,6 +150,43 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+    import signal
+    import threading
+
+    from .runtime import AdaptivePolicy, StaticPolicy, load
+    from .runtime.server import InferenceServer
+
+    key = None
+    if args.key_file:
+        with open(args.key_file, "rb") as f:
+            key = f.read().strip()
+    elif os.environ.get("FLEXIQ_ARTIFACT_KEY"):
+        key = os.environ["FLEXIQ_ARTIFACT_KEY"].encode()
+    mod = load(args.artifact, key=key)
+    if args.ratio is not None:
+        policy = StaticPolicy(mod._checked(args.ratio))
+    else:
+        if args.slo_ms is None:
+            raise ValueError("--slo-ms is required for the adaptive policy (or give --ratio)")
+        profile = mod.metadata.get("profile_ms") or mod.profile()
+        policy = AdaptivePolicy(profile, args.slo_ms)
+    srv = InferenceServer(mod, policy, host=args.host, port=args.port,
+                          max_queue=args.max_queue).start()
+    print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, "
+          f"{'static ' + str(args.ratio) if args.ratio is not None else 'adaptive'}); "
+          "Ctrl-C stops", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    srv.stop()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -234,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-kernels", action="store_true", help="skip the kernel timings")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="HTTP inference server over an exported artifact",
+                        description="Serve an artifact (module.export) over HTTP: POST "
+                        "/v1/infer, GET /healthz and /metrics. The adaptive policy picks the "
+                        "most accurate ratio predicted to keep --slo-ms under the current "
+                        "queue; a full queue answers 503.")
+    sv.add_argument("artifact", help="artifact file written by CompiledModule.export")
+    sv.add_argument("--slo-ms", type=float, help="latency target per request (adaptive)")
+    sv.add_argument("--ratio", type=float, help="serve one fixed ratio instead")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
+    sv.add_argument("--key-file", help="HMAC key file: refuse artifacts not signed with it "
+                    "(or set FLEXIQ_ARTIFACT_KEY)")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "
