@@ -187,6 +187,52 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    import numpy as np
+
+    from .runtime import load, loadtest
+
+    if args.trace != "bursty":
+        raise ValueError(f"trace {args.trace!r}; available: bursty")
+    if args.duration <= 0 or args.duration > 3600:
+        raise ValueError("--duration must be in (0, 3600] seconds")
+    if args.artifact:
+        mod = load(args.artifact)
+        accuracy = mod.metadata.get("accuracy") or {}
+        x = None
+    else:
+        import flexiq_tvm
+
+        from .config import FlexiQConfig
+        from .eval import load_calibration, load_eval_data
+        from .zoo import registry
+
+        model = registry.get_model(args.model)
+        _, xs, ys = load_eval_data(args.model, args.accuracy_images)
+        cfg = FlexiQConfig(selection=args.selection, calib_images=64)
+        mod = flexiq_tvm.compile(model, xs[:1], load_calibration(args.model, 64), config=cfg)
+        accuracy = {}
+        for r in mod.ratios:
+            pred = np.array([mod(xs[i : i + 1], ratio=r).argmax() for i in range(len(xs))])
+            accuracy[f"{r:g}"] = float((pred == ys).mean())
+        x = xs[0]
+    doc = loadtest.run(mod, accuracy, duration_s=args.duration, slo_ms=args.slo_ms,
+                       x=x, plot=args.plot)
+    print(f"SLO {doc['slo_ms']:.2f} ms; trace: {doc['trace']['requests']} requests, base "
+          f"{doc['trace']['base_rps']:.0f} rps, bursts {doc['trace']['burst_rps']:.0f} rps")
+    print(f"  {'config':<10} {'p50 ms':>8} {'p99 ms':>8} {'SLO %':>7} {'rps':>7} {'top-1':>7} "
+          f"{'gen CPU':>8}")
+    for c in doc["configs"]:
+        top1 = "-" if c["mean_top1"] is None else f"{100 * c['mean_top1']:.2f}"
+        print(f"  {c['name']:<10} {c['p50_ms']:>8.2f} {c['p99_ms']:>8.2f} "
+              f"{100 * c['slo_attainment']:>7.1f} {c['throughput_rps']:>7.0f} {top1:>7} "
+              f"{100 * c['generator_cpu_share']:>7.1f}%")
+    if args.json:
+        out = {k: v for k, v in doc.items() if k != "timelines"}
+        _write_json(out, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -286,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--key-file", help="HMAC key file: refuse artifacts not signed with it "
                     "(or set FLEXIQ_ARTIFACT_KEY)")
     sv.set_defaults(func=cmd_serve)
+
+    lt = sub.add_parser("loadtest", help="replay a bursty trace against static and adaptive "
+                        "serving", description="On loopback and bounded in time: a Poisson "
+                        "trace (base 0.6x, bursts 1.4x the INT8 capacity from the module's "
+                        "latency profile, 30 %% of the time) against static ratio 0, static "
+                        "ratio 1 and the adaptive policy; p50/p99, SLO attainment, throughput, "
+                        "mean accuracy, and a PNG plot.")
+    lt.add_argument("--trace", default="bursty", help="trace kind (bursty)")
+    lt.add_argument("--duration", type=float, default=30.0, help="seconds per configuration")
+    lt.add_argument("--artifact", help="serve this artifact (its metadata gives accuracy)")
+    lt.add_argument("--model", default="resnet20_fmnist",
+                    choices=[m for m in _models() if "fmnist" in m],
+                    help="else compile this zoo model (default resnet20_fmnist)")
+    lt.add_argument("--selection", default="static",
+                    choices=("static", "greedy", "evolutionary"))
+    lt.add_argument("--accuracy-images", type=int, default=1000,
+                    help="test images for the per-ratio accuracy (zoo model)")
+    lt.add_argument("--slo-ms", type=float, help="default: 2x the INT8 p50 at the base rate")
+    lt.add_argument("--plot", metavar="PNG", help="write the load / ratio / latency plot here")
+    lt.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    lt.set_defaults(func=cmd_loadtest)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "

@@ -1,0 +1,151 @@
+"""``flexiq-tvm loadtest``: replay a fluctuating Poisson trace against static and adaptive
+serving of one module, on loopback, bounded in time.
+
+The trace is sized from the module's own latency profile: INT8 (ratio 0) capacity
+``C = 1000 / t(0)`` requests/s; a base rate of ``base x C`` with bursts of ``burst x C`` for a
+``burst_frac`` of the time (one burst per period). The SLO defaults to twice the INT8 p50
+measured by the server at the base rate. Each configuration (``static-0``, ``static-1``,
+``adaptive``) gets a fresh server and the same arrival times, from a separate generator
+process (its CPU share is reported). A request that fails (503, timeout) counts as missing the
+SLO. Mean accuracy is the per-ratio accuracy averaged over the requests served.
+
+JSON keys (DESIGN.md): ``{"slo_ms", "configs": [{"name", "p50_ms", "p99_ms",
+"slo_attainment", "throughput_rps", "mean_top1"}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .policy import AdaptivePolicy, StaticPolicy
+from .server import InferenceServer
+
+log = logging.getLogger(__name__)
+
+
+def bursty_trace(duration_s: float, base_rps: float, burst_rps: float, burst_frac: float = 0.3,
+                 period_s: float | None = None, seed: int = 0) -> tuple[list, list]:
+    """Poisson arrival times with a piecewise-constant rate; returns (arrivals, rate steps
+    ``[(t_start, rps)]``). Each period starts at the base rate and ends with a burst."""
+    period = period_s or max(duration_s / 5, 2.0)
+    rng = np.random.default_rng(seed)
+    steps, t = [], 0.0
+    while t < duration_s:
+        steps.append((t, base_rps))
+        steps.append((t + period * (1 - burst_frac), burst_rps))
+        t += period
+    arrivals = []
+    for (t0, rate), nxt in zip(steps, [*steps[1:], (duration_s, 0)], strict=True):
+        end = min(nxt[0], duration_s)
+        t = t0
+        while True:
+            t += rng.exponential(1.0 / rate)
+            if t >= end:
+                break
+            arrivals.append(t)
+    return arrivals, [s for s in steps if s[0] < duration_s]
+
+
+def _replay(module, policy, arrivals, x, timeout_s=5.0) -> tuple[list, dict]:
+    with InferenceServer(module, policy, max_queue=256, timeout_s=timeout_s) as srv, \
+            tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        out = Path(tmp) / "out.json"
+        trace.write_text(json.dumps({"arrivals": list(arrivals), "input": x.tolist()}))
+        subprocess.run([sys.executable, "-m", "flexiq_tvm.runtime.loadgen", srv.url,
+                        str(trace), str(out)], check=True, timeout=max(arrivals, default=0) + 120)
+        doc = json.loads(out.read_text())
+    return doc["requests"], {"wall_s": doc["wall_s"], "cpu_s": doc["cpu_s"]}
+
+
+def _summary(name, reqs, slo_ms, duration_s, accuracy) -> dict:
+    ok = [r for r in reqs if r and r[2] == 200]
+    lat = np.asarray([r[1] for r in ok]) if ok else np.asarray([np.inf])
+    within = sum(1 for r in ok if r[1] <= slo_ms)
+    acc = [accuracy.get(f"{float(r[3]):g}") for r in ok]
+    acc = [a for a in acc if a is not None]
+    return {"name": name, "requests": len(reqs), "served": len(ok),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "slo_attainment": within / max(len(reqs), 1),
+            "throughput_rps": len(ok) / duration_s,
+            "mean_top1": float(np.mean(acc)) if acc else None,
+            "ratio_share": {f"{k:g}": float(np.mean([r[3] == k for r in ok])) for k in
+                            sorted({r[3] for r in ok})}}
+
+
+def run(module, accuracy: dict, duration_s: float = 30.0, slo_ms: float | None = None,
+        base: float = 0.6, burst: float = 1.4, burst_frac: float = 0.3, x=None, seed: int = 0,
+        plot: str | None = None) -> dict:
+    """The load test as the DESIGN.md ``loadtest`` document (see the module docs)."""
+    x = np.zeros(module.input_shape[1:], module.input_dtype) if x is None else np.asarray(x)
+    profile = module.profile(repeat=30)
+    cap0 = 1000.0 / profile["0"]
+    arrivals, steps = bursty_trace(duration_s, base * cap0, burst * cap0, burst_frac, seed=seed)
+    if slo_ms is None:  # 2x the INT8 p50 at the base rate, measured through the server
+        calib, _ = bursty_trace(min(4.0, duration_s / 4), base * cap0, base * cap0, 0.0,
+                                seed=seed + 1)
+        reqs, _ = _replay(module, StaticPolicy(0.0), calib, x)
+        ok = [r[1] for r in reqs if r and r[2] == 200]
+        slo_ms = 2.0 * float(np.median(ok))
+    doc = {"slo_ms": slo_ms, "duration_s": duration_s, "profile_ms": profile,
+           "capacity_rps": {k: 1000.0 / v for k, v in profile.items()},
+           "trace": {"kind": "bursty", "base_rps": base * cap0, "burst_rps": burst * cap0,
+                     "burst_frac": burst_frac, "requests": len(arrivals)},
+           "configs": [], "timelines": {}}
+    fastest = max(module.ratios)
+    for name, policy in (("static-0", StaticPolicy(0.0)), ("static-1", StaticPolicy(fastest)),
+                         ("adaptive", AdaptivePolicy(profile, slo_ms))):
+        reqs, gen = _replay(module, policy, arrivals, x)
+        s = _summary(name, reqs, slo_ms, duration_s, accuracy)
+        s["generator_cpu_share"] = gen["cpu_s"] / max(gen["wall_s"], 1e-9)
+        doc["configs"].append(s)
+        doc["timelines"][name] = [r for r in reqs if r]
+        log.info("%s: p50 %.2f ms p99 %.2f ms, SLO %.1f %%, %.0f rps, top-1 %s", name,
+                 s["p50_ms"], s["p99_ms"], 100 * s["slo_attainment"], s["throughput_rps"],
+                 s["mean_top1"])
+    doc["rate_steps"] = steps
+    if plot:
+        draw(doc, plot)
+    return doc
+
+
+def draw(doc: dict, path: str) -> None:
+    """Offered load, chosen ratio and latency over time, one column per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c["name"] for c in doc["configs"]]
+    fig, axes = plt.subplots(3, len(names), figsize=(5 * len(names), 8), sharex=True,
+                             squeeze=False)
+    steps = doc["rate_steps"]
+    ts = [s[0] for s in steps] + [doc["duration_s"]]
+    rates = [s[1] for s in steps] + [steps[-1][1]]
+    for j, name in enumerate(names):
+        tl = np.asarray([[r[0], r[1], r[3] if r[3] is not None else np.nan, r[2]]
+                         for r in doc["timelines"][name]], dtype=float)
+        axes[0, j].step(ts, rates, where="post")
+        axes[0, j].set_title(name)
+        axes[0, j].set_ylabel("offered load (req/s)")
+        ok = tl[:, 3] == 200
+        axes[1, j].plot(tl[ok, 0], tl[ok, 2], ".", ms=2)
+        axes[1, j].set_ylabel("ratio")
+        axes[2, j].plot(tl[ok, 0], tl[ok, 1], ".", ms=2, label="served")
+        axes[2, j].plot(tl[~ok, 0], np.full((~ok).sum(), doc["slo_ms"]), "rx", ms=3,
+                        label="failed")
+        axes[2, j].axhline(doc["slo_ms"], color="k", lw=0.8, ls="--", label="SLO")
+        axes[2, j].set_yscale("log")
+        axes[2, j].set_ylabel("latency (ms)")
+        axes[2, j].set_xlabel("time (s)")
+        axes[2, j].legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
