@@ -1,31 +1,21 @@
 """Mixed-precision (INT8 + shifted INT4) TensorIR kernels for llvm, scheduled by hand.
 
-Each function returns a PrimFunc for one layer's static shapes; the low-bit boundary is a
-runtime scalar, so the ratio variants of a module share every kernel and every weight buffer.
-Arithmetic is the integer oracle's (:mod:`flexiq_tvm.reference`) exactly:
+Each function returns a PrimFunc for one layer's static shapes; the low-bit boundary
+``n_low`` is a runtime scalar, so the ratio variants of a module share every kernel and every
+weight buffer. Arithmetic is the integer oracle's (:mod:`flexiq_tvm.reference`) exactly;
+the design is explained in docs/kernels.md:
 
-* ``quantize_padded`` / ``quantize_rows``: 8-bit activation codes
-  ``clip(floor(x * inv + 0.5))``; for a 4-bit channel the effective extraction
-  ``clip((q + 2**(sa-1)) >> sa)``, shifted left by the channel's total shift ``sa + sw``
-  (at most 15 << 8, an int16). Moving the oracle's per-channel left shift of the 4-bit partial
-  product onto the activation is exact and leaves the GEMM one uniform int16 dot product.
-  A conv input is written zero-padded (code 0 is the value 0), a linear input as the GEMM's
-  ``[P, K]`` rows, zero-padded to the tiles. A channel is 4-bit when its rank in the plan's
-  priority order is below ``n_low`` (for GEMM layers, whose low block is the reordered prefix,
-  the rank is the identity).
-* ``im2col``: padded codes -> the GEMM's ``[P, K]`` operand for conv, ``K`` in
-  ``(channel, ky, kx)`` order so the 4-bit rows stay a prefix; zero padding.
-* ``mixed_gemm``: ``acc[o, p] = sum_k col[p, k] * w[k, o]`` in int32 with ``vpmaddwd`` (AVX2),
-  ``w`` the raw 4-bit weight for the ``nk`` prefix rows and the INT8 weight for the rest. The
-  4-bit weights are packed two per byte; each parallel task widens its 16-output weight panel
-  to int16 once, so the unpacking is amortised over all its positions. Register tile:
-  16 outputs (two 8-lane int32 vectors) x ``TP`` positions.
-* ``mixed_grouped_conv``: direct grouped/depthwise conv; a channel is 4-bit when its rank in the
-  plan's priority order is below ``n_low`` (no contiguous block needed).
-* ``dequantize``: ``float(acc) * (s_a * s_w[o])``, dropping the tile padding.
-
-The float part of the quantizer is two rounded float32 operations (multiply, then add), as in
-numpy and torch: no fused multiply-add (the target must not contract it; tests check ties).
+* ``quantize_nhwc`` / ``quantize_rows``: 8-bit activation codes ``clip(floor(x * inv + 0.5))``
+  (two float32 roundings: the target has FMA contraction off) into a channels-last int16
+  buffer, and the 4-bit codes ``clip((q + 2**(sa-1)) >> sa)`` of the active low channels into
+  a uint8 buffer in :class:`LowLayout` slot order; each buffer holds the code of 0 where a
+  channel belongs to the other block.
+* ``mixed_gemm``: implicit-GEMM conv / linear; the 8-bit block on ``vpmaddwd``, the 4-bit
+  block on ``vpmaddubsw`` with int16 chunks flushed by ``vpmaddwd`` times ``2**shift``.
+* ``quantize_padded`` + ``mixed_grouped_conv``: grouped/depthwise conv on NCHW codes (4-bit
+  codes pre-shifted by ``sa + sw``); a channel is 4-bit when its rank in the plan's priority
+  order is below ``n_low``, so no contiguous block is needed.
+* ``dequantize``: ``float(acc) * (s_a * s_w[o])`` in the layer's output shape.
 """
 
 from __future__ import annotations
