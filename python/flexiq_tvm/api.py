@@ -64,14 +64,6 @@ class CompiledModule(FlexiQModule):
         self.expose_layers = expose_layers
         self.layers = layers or []
 
-    def __call__(self, x, ratio: float | None = None) -> np.ndarray:
-        out = self.run(x, ratio)
-        if self.expose_layers:
-            out = out[0]
-        while not hasattr(out, "numpy"):
-            out = out[0]
-        return out.numpy()
-
     def layer_tensors(self, x, ratio: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per covered layer ``(input, int32 accumulator)`` (needs ``expose_layers=True``)."""
         if not self.expose_layers:

@@ -19,15 +19,17 @@ JSON keys (DESIGN.md): ``{"machine", "rows": [{"model", "batch", "system", "rati
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
+
+from .runtime.module import median_ms
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +54,6 @@ def machine() -> dict:
     except OSError:
         pass
     return info
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 class PeakRSS:
@@ -209,13 +199,8 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
 
 def switch_us(cm, n: int = 2000) -> float:
     """Median cost of one ``set_ratio`` call on a compiled module, in microseconds."""
-    ratios = list(cm.ratios)
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        cm.set_ratio(ratios[i % len(ratios)])
-        times.append(time.perf_counter() - t)
-    return 1e6 * float(np.median(times))
+    ratios = itertools.cycle(cm.ratios)
+    return 1e3 * median_ms(lambda: cm.set_ratio(next(ratios)), n, warmup=0)
 
 
 KERNEL_SHAPES = {  # name: (channels, spatial size, outputs, kernel size)

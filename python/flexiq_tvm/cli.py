@@ -188,8 +188,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_loadtest(args) -> int:
-    import numpy as np
-
     from .runtime import load, loadtest
 
     if args.trace != "bursty":
@@ -204,6 +202,7 @@ def cmd_loadtest(args) -> int:
         import flexiq_tvm
 
         from .config import FlexiQConfig
+        from .demo import top1_per_ratio
         from .eval import load_calibration, load_eval_data
         from .zoo import registry
 
@@ -211,10 +210,7 @@ def cmd_loadtest(args) -> int:
         _, xs, ys = load_eval_data(args.model, args.accuracy_images)
         cfg = FlexiQConfig(selection=args.selection, calib_images=64)
         mod = flexiq_tvm.compile(model, xs[:1], load_calibration(args.model, 64), config=cfg)
-        accuracy = {}
-        for r in mod.ratios:
-            pred = np.array([mod(xs[i : i + 1], ratio=r).argmax() for i in range(len(xs))])
-            accuracy[f"{r:g}"] = float((pred == ys).mean())
+        accuracy = {f"{r:g}": a for r, a in top1_per_ratio(mod, xs, ys).items()}
         x = xs[0]
     doc = loadtest.run(mod, accuracy, duration_s=args.duration, slo_ms=args.slo_ms,
                        x=x, plot=args.plot)

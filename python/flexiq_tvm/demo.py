@@ -40,30 +40,25 @@ def run_demo(tvm_limit: int = 200) -> int:
     return 1 if failures else 0
 
 
-def _median_ms(fn, x, repeat: int = 50) -> float:
+def top1_per_ratio(cm, xs, ys) -> dict[float, float]:
+    """Top-1 of a compiled module at each of its ratios, one image per call (batch 1)."""
     import numpy as np
 
-    for _ in range(5):
-        fn(x)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return {r: float((np.array([cm(xs[i : i + 1], ratio=r).argmax() for i in range(len(xs))])
+                      == ys).mean()) for r in cm.ratios}
 
 
 def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str = "static",
                         via: str = "torch.export", n_images: int = 1000) -> dict:
     """Compile a zoo FMNIST model with FlexiQ, then for each ratio measure top-1 on the first
     ``n_images`` test images and the batch-1 median latency, beside torch FP32."""
-    import numpy as np
     import torch
 
     import flexiq_tvm
 
     from .config import FlexiQConfig
     from .quantize import quantize
+    from .runtime.module import median_ms
     from .zoo import data, registry
 
     model = registry.get_model(name)
@@ -78,14 +73,13 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
     cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, config=cfg)
     t_compile = time.perf_counter() - t0
     torch.set_num_threads(1)
+    x1 = xs[:1]
     with torch.no_grad():
-        torch_ms = _median_ms(lambda x: model(torch.from_numpy(x)), xs[:1])
-    rows = []
-    for r in cm.ratios:
-        cm.set_ratio(r)
-        pred = np.array([cm(xs[i : i + 1]).argmax() for i in range(n_images)])
-        rows.append({"ratio": r, "top1": float((pred == ys).mean()),
-                     "median_ms": _median_ms(cm, xs[:1])})
+        torch_ms = median_ms(lambda: model(torch.from_numpy(x1)), 50, warmup=5)
+    top1 = top1_per_ratio(cm, xs, ys)
+    rows = [{"ratio": r, "top1": top1[r], "median_ms": median_ms(lambda r=r: cm(x1, ratio=r),
+                                                                  50, warmup=5)}
+            for r in cm.ratios]
     return {"model": name, "via": via, "selection": selection, "n_images": n_images,
             "plan_seconds": t_plan, "compile_seconds": t_compile, "torch_fp32_ms": torch_ms,
             "rows": rows, "report": cm.report}

@@ -18,6 +18,18 @@ import time
 import numpy as np
 
 
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
 def variant_name(ratio: float) -> str:
     """``0.25 -> "main_r025"`` (the entry function of a ratio)."""
     return f"main_r{round(float(ratio) * 100):03d}"
@@ -99,6 +111,8 @@ class FlexiQModule:
         return self._vm()[r](tvm.runtime.tensor(self._check(x), self.device))
 
     def __call__(self, x, ratio: float | None = None) -> np.ndarray:
+        """The model's first output (a module with exposed layer tensors returns them after
+        it, so the first leaf is still the model's output)."""
         out = self.run(x, ratio)
         while not hasattr(out, "numpy"):
             out = out[0]
@@ -108,17 +122,7 @@ class FlexiQModule:
     def profile(self, x=None, repeat: int = 20, warmup: int = 3) -> dict[str, float]:
         """Median latency (ms) of each ratio on ``x`` (zeros of the input shape by default)."""
         x = np.zeros(self.input_shape, self.input_dtype) if x is None else self._check(x)
-        out = {}
-        for r in self._ratios:
-            for _ in range(warmup):
-                self(x, r)
-            times = []
-            for _ in range(repeat):
-                t = time.perf_counter()
-                self(x, r)
-                times.append(time.perf_counter() - t)
-            out[f"{r:g}"] = 1e3 * float(np.median(times))
-        return out
+        return {f"{r:g}": median_ms(lambda r=r: self(x, r), repeat, warmup) for r in self._ratios}
 
     def export(self, path, key: bytes | str | None = None, accuracy: dict | None = None,
                profile: dict | None = None, metadata: dict | None = None):

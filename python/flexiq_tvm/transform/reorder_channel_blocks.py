@@ -126,14 +126,14 @@ class ReorderChannelBlocks:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         sp = _Spaces()
-        self._depthwise: set = set()  # covered depthwise composites (order passes through)
+        depthwise: set = set()  # covered depthwise composites (the order passes through)
         const_perm: dict = {}  # (binding var, arg index) -> (space member, axis, role)
         consumers: list = []  # (binding var, input var, layer plan)
         for p in func.params:
             if g.is_tensor(p):
                 sp.add(p, None)
         for b in g.bindings(func):
-            self._visit(mod, b.var, b.value, sp, const_perm, consumers)
+            self._visit(mod, b.var, b.value, sp, const_perm, consumers, depthwise)
         # outputs are pinned
         for v in _vars_in(func.body.body):
             sp.pin(v)
@@ -194,7 +194,7 @@ class ReorderChannelBlocks:
                     if changed:
                         args[i] = relax.const(np.ascontiguousarray(w))
             comp = g.composite_kind(mod, value)
-            if comp is not None and var in self._depthwise:
+            if comp is not None and var in depthwise:
                 cfunc = comp[1]
                 perm = perm_of(var)
                 perm = [int(i) for i in (np.arange(g.shape_of(var)[1]) if perm is None else perm)]
@@ -222,7 +222,7 @@ class ReorderChannelBlocks:
         return relax.transform.Normalize()(g.rebuild(mod, self.func_name, visit))
 
     # ------------------------------------------------------------------ graph analysis
-    def _visit(self, mod, var, value, sp, const_perm, consumers) -> None:
+    def _visit(self, mod, var, value, sp, const_perm, consumers, depthwise) -> None:
         if not g.is_tensor(var):
             for u in _vars_in(value):
                 sp.pin(u)
@@ -245,7 +245,7 @@ class ReorderChannelBlocks:
                     sp.add(var, 1)
                     sp.union(xin, var)
                     const_perm[(var, 1)] = (var, 0, "out")
-                    self._depthwise.add(var)
+                    depthwise.add(var)
                     return
                 sp.pin(xin)
                 sp.add(var, None)
