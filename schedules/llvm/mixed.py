@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 
 TO = 16  # output-channel tile (two AVX2 int32 vectors)
 TP = 6  # position tile (register accumulators: TP x 2 vectors)
+TH = TP // 2  # positions per half-tile of the 4-bit phase (its int16 accumulators)
 OPAQUE = 8  # relax op_pattern kOpaque: FuseOps leaves these kernels alone
 
 
@@ -239,6 +240,13 @@ def _pmadd(a, b):
                                    a, b, dtype="int32x8")
 
 
+def _splat(buf, start, n, dtype):
+    """The ``n`` narrow elements ``buf[start : start + n]`` (32 bits in all) repeated over a
+    256-bit vector viewed as ``dtype``: one activation pair / quad for every output lane."""
+    return T.reinterpret(T.broadcast(T.reinterpret(buf[T.ramp(start, 1, n)], dtype="int32"), 8),
+                         dtype=dtype)
+
+
 def _pmaddubs(a, b):
     """``vpmaddubsw``: 32 x (u8 x s8) -> 16 x int16 sums of pairs (4-bit operands never
     saturate: at most 2 x 15 x 8)."""
@@ -345,65 +353,43 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                             for ry, rx in T.grid(kh, kw):
                                 for cp in range(n_low // 2, ch):
                                     for pi in T.unroll(TP):
-                                        accl[pi, T.ramp(0, 1, 8)] = accl[
-                                            pi, T.ramp(0, 1, 8)] + _pmadd(T.reinterpret(
-                                                T.broadcast(T.reinterpret(q8f[T.ramp(
-                                                    (pix[pi] + ry * dh * wp + rx * dw) * cpad
-                                                    + 2 * cp, 1, 2)], dtype="int32"), 8),
-                                                dtype="int16x16"),
-                                                panel8[(ry * kw + rx) * ch + cp,
-                                                       T.ramp(0, 1, 16)])
-                                        accl[pi, T.ramp(8, 1, 8)] = accl[
-                                            pi, T.ramp(8, 1, 8)] + _pmadd(T.reinterpret(
-                                                T.broadcast(T.reinterpret(q8f[T.ramp(
-                                                    (pix[pi] + ry * dh * wp + rx * dw) * cpad
-                                                    + 2 * cp, 1, 2)], dtype="int32"), 8),
-                                                dtype="int16x16"),
-                                                panel8[(ry * kw + rx) * ch + cp,
-                                                       T.ramp(16, 1, 16)])
+                                        for hh in T.unroll(2):
+                                            accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                                pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
+                                                    q8f, (pix[pi] + ry * dh * wp + rx * dw) * cpad
+                                                    + 2 * cp, 2, "int16x16"),
+                                                    panel8[(ry * kw + rx) * ch + cp,
+                                                           T.ramp(hh * 16, 1, 16)])
                             # 4-bit phase in two halves of TP/2 positions: 6 int16 accumulators
                             # + 2 weight vectors + 1 broadcast fit the 16 vector registers
                             for g in range(ng):
                                 for hv in T.unroll(2):
-                                    for pi in T.unroll(TP // 2):
+                                    for pi in T.unroll(TH):
                                         for hh in T.unroll(2):
                                             for oi in T.vectorized(TO):
-                                                acc16[hv * (TP // 2) + pi, hh * TO + oi] = \
-                                                    T.int16(0)
+                                                acc16[hv * TH + pi, hh * TO + oi] = T.int16(0)
                                     for ry, rx in T.grid(kh, kw):
                                         for qd in range(chunks[g, 1]):
-                                            for pi in T.unroll(TP // 2):
-                                                acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)] = \
-                                                    acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)] \
-                                                    + _pmaddubs(T.reinterpret(T.broadcast(
-                                                        T.reinterpret(q4f[T.ramp(
-                                                            (pix[hv * (TP // 2) + pi] + ry * dh * wp
-                                                             + rx * dw) * slots
-                                                            + (chunks[g, 0] + qd) * 4, 1, 4)],
-                                                            dtype="int32"), 8), dtype="uint8x32"),
-                                                        panel4[(ry * kw + rx) * nq + chunks[g, 0]
-                                                               + qd, T.ramp(0, 1, 32)])
-                                                acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)] = \
-                                                    acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)] \
-                                                    + _pmaddubs(T.reinterpret(T.broadcast(
-                                                        T.reinterpret(q4f[T.ramp(
-                                                            (pix[hv * (TP // 2) + pi] + ry * dh * wp
-                                                             + rx * dw) * slots
-                                                            + (chunks[g, 0] + qd) * 4, 1, 4)],
-                                                            dtype="int32"), 8), dtype="uint8x32"),
-                                                        panel4[(ry * kw + rx) * nq + chunks[g, 0]
-                                                               + qd, T.ramp(32, 1, 32)])
-                                    for pi in T.unroll(TP // 2):
-                                        accl[hv * (TP // 2) + pi, T.ramp(0, 1, 8)] = accl[
-                                            hv * (TP // 2) + pi, T.ramp(0, 1, 8)] + _pmadd(
-                                            acc16[hv * (TP // 2) + pi, T.ramp(0, 1, 16)],
-                                            T.broadcast(T.Cast("int16", T.shift_left(
-                                                1, chunks[g, 2])), 16))
-                                        accl[hv * (TP // 2) + pi, T.ramp(8, 1, 8)] = accl[
-                                            hv * (TP // 2) + pi, T.ramp(8, 1, 8)] + _pmadd(
-                                            acc16[hv * (TP // 2) + pi, T.ramp(16, 1, 16)],
-                                            T.broadcast(T.Cast("int16", T.shift_left(
-                                                1, chunks[g, 2])), 16))
+                                            for pi in T.unroll(TH):
+                                                for hh in T.unroll(2):
+                                                    acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] = \
+                                                        acc16[hv * TH + pi,
+                                                              T.ramp(hh * 16, 1, 16)] \
+                                                        + _pmaddubs(_splat(q4f, (
+                                                            pix[hv * TH + pi] + ry * dh * wp
+                                                            + rx * dw) * slots
+                                                            + (chunks[g, 0] + qd) * 4, 4,
+                                                            "uint8x32"),
+                                                            panel4[(ry * kw + rx) * nq
+                                                                   + chunks[g, 0] + qd,
+                                                                   T.ramp(hh * 32, 1, 32)])
+                                    for pi in T.unroll(TH):
+                                        for hh in T.unroll(2):
+                                            accl[hv * TH + pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                                hv * TH + pi, T.ramp(hh * 8, 1, 8)] + _pmadd(
+                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)],
+                                                T.broadcast(T.Cast("int16", T.shift_left(
+                                                    1, chunks[g, 2])), 16))
                             # constant accumulator indices only (unrolled), so LLVM keeps
                             # the tile in registers
                             if layout == "OP":
