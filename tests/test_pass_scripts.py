@@ -80,88 +80,61 @@ RES_PLAN = _plan(_lp("c0", W0, [0, 1, 2], 0), _lp("c1", W1, [2, 0, 3, 1], 2, mac
 ID3, ID4, ID2 = range(3), range(4), range(2)
 
 
-@I.ir_module
-class ResidualAnnotated:
-    @R.function(private=True)
-    def flexiq_conv2d_0(x: R.Tensor((1, 3, 6, 6), "float32"), w: R.Tensor((4, 3, 1, 1), "float32")):
-        R.func_attr(_attrs("c0", ID3, ID4))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w)
-            R.output(y)
-        return y
+def _residual_expected(p0, p1, w0, w1, w2):
+    """The residual block with its convs in composites: c0's output and c1's input/output in
+    order ``p0``, c2's input in ``p1`` (all one channel space), the weights as given."""
 
-    @R.function(private=True)
-    def flexiq_conv2d_1(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((4, 4, 3, 3), "float32")):
-        R.func_attr(_attrs("c1", ID4, ID4))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
-            R.output(y)
-        return y
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def flexiq_conv2d_0(x: R.Tensor((1, 3, 6, 6), "float32"),
+                            w: R.Tensor((4, 3, 1, 1), "float32")):
+            R.func_attr(_attrs("c0", ID3, p0))
+            with R.dataflow():
+                y = R.nn.conv2d(x, w)
+                R.output(y)
+            return y
 
-    @R.function(private=True)
-    def flexiq_conv2d_2(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((2, 4, 1, 1), "float32")):
-        R.func_attr(_attrs("c2", ID4, ID2))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w)
-            R.output(y)
-        return y
+        @R.function(private=True)
+        def flexiq_conv2d_1(x: R.Tensor((1, 4, 6, 6), "float32"),
+                            w: R.Tensor((4, 4, 3, 3), "float32")):
+            R.func_attr(_attrs("c1", p0, p0))
+            with R.dataflow():
+                y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                R.output(y)
+            return y
 
-    @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32")):
-        cls = ResidualAnnotated
-        with R.dataflow():
-            a = cls.flexiq_conv2d_0(x, R.const(W0))
-            b = R.nn.relu(a)
-            c = cls.flexiq_conv2d_1(b, R.const(W1))
-            d = R.add(c, b)
-            e = R.nn.relu(d)
-            f = cls.flexiq_conv2d_2(e, R.const(W2))
-            R.output(f)
-        return f
+        @R.function(private=True)
+        def flexiq_conv2d_2(x: R.Tensor((1, 4, 6, 6), "float32"),
+                            w: R.Tensor((2, 4, 1, 1), "float32")):
+            R.func_attr(_attrs("c2", p1, ID2))
+            with R.dataflow():
+                y = R.nn.conv2d(x, w)
+                R.output(y)
+            return y
+
+        @R.function
+        def main(x: R.Tensor((1, 3, 6, 6), "float32")):
+            cls = Expected
+            with R.dataflow():
+                a = cls.flexiq_conv2d_0(x, R.const(w0))
+                b = R.nn.relu(a)
+                c = cls.flexiq_conv2d_1(b, R.const(w1))
+                d = R.add(c, b)
+                e = R.nn.relu(d)
+                f = cls.flexiq_conv2d_2(e, R.const(w2))
+                R.output(f)
+            return f
+
+    return Expected
 
 
-# c1 (the larger consumer) sets the shared order: its 4-bit pair {2, 0} first, by index
+# after AnnotateChannelPrecision: every order the identity, the weights untouched
+ResidualAnnotated = _residual_expected(ID4, ID4, W0, W1, W2)
+# c1 (the larger consumer) sets the shared order: its 4-bit pair {2, 0} first, by index; every
+# weight along that space is permuted with it
 P = [0, 2, 1, 3]
-
-
-@I.ir_module
-class ResidualReordered:
-    @R.function(private=True)
-    def flexiq_conv2d_0(x: R.Tensor((1, 3, 6, 6), "float32"), w: R.Tensor((4, 3, 1, 1), "float32")):
-        R.func_attr(_attrs("c0", ID3, P))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w)
-            R.output(y)
-        return y
-
-    @R.function(private=True)
-    def flexiq_conv2d_1(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((4, 4, 3, 3), "float32")):
-        R.func_attr(_attrs("c1", P, P))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
-            R.output(y)
-        return y
-
-    @R.function(private=True)
-    def flexiq_conv2d_2(x: R.Tensor((1, 4, 6, 6), "float32"), w: R.Tensor((2, 4, 1, 1), "float32")):
-        R.func_attr(_attrs("c2", P, ID2))
-        with R.dataflow():
-            y = R.nn.conv2d(x, w)
-            R.output(y)
-        return y
-
-    @R.function
-    def main(x: R.Tensor((1, 3, 6, 6), "float32")):
-        cls = ResidualReordered
-        with R.dataflow():
-            a = cls.flexiq_conv2d_0(x, R.const(W0[P]))
-            b = R.nn.relu(a)
-            c = cls.flexiq_conv2d_1(b, R.const(W1[P][:, P]))
-            d = R.add(c, b)
-            e = R.nn.relu(d)
-            f = cls.flexiq_conv2d_2(e, R.const(W2[:, P]))
-            R.output(f)
-        return f
+ResidualReordered = _residual_expected(P, P, W0[P], W1[P][:, P], W2[:, P])
 
 
 def test_residual_block_annotate_and_reorder():
