@@ -11,8 +11,9 @@ median of repeated runs after warm-up, with every system using all of the machin
 * ``flexiq-llvm``: :func:`flexiq_tvm.compile` (static selection), one row per ratio.
 
 ``peak_mem_mb`` is the largest resident-set growth of the process while a system is built and
-run, sampled every millisecond (the build's transient memory included). Kernel rows time one
-FlexiQ GEMM kernel on random codes; ``switch_us`` is the cost of ``set_ratio``.
+run once, sampled every millisecond (the build's transient memory included); the timed runs
+come after, without the sampler. Kernel rows time one FlexiQ GEMM kernel on random codes;
+``switch_us`` is the cost of ``set_ratio``.
 JSON keys (DESIGN.md): ``{"machine", "rows": [{"model", "batch", "system", "ratio",
 "median_ms", "peak_mem_mb"}], "kernels": [{"name", "ratio", "median_us"}], "switch_us"}``.
 """
@@ -157,32 +158,36 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
 
     threads = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
+        # each system is built and run once under PeakRSS, then timed without the sampler
         if "torch-fp32" in systems:
             torch.set_num_threads(threads)
             xt = torch.from_numpy(x)
-            with PeakRSS() as m, torch.no_grad():
-                ms = median_ms(lambda: model(xt), repeat)
-            row("torch-fp32", None, ms, m.mb)
+            with torch.no_grad():
+                with PeakRSS() as m:
+                    model(xt)
+                row("torch-fp32", None, median_ms(lambda: model(xt), repeat), m.mb)
         fp32_path = None
         if "onnxruntime-fp32" in systems or "onnxruntime-int8" in systems:
             fp32_path = _onnx_fp32(model, x, Path(tmp) / "fp32.onnx")
         if "onnxruntime-fp32" in systems:
             with PeakRSS() as m:
                 sess = _ort_session(fp32_path)
-                ms = median_ms(lambda: sess.run(None, {"input": x}), repeat)
-            row("onnxruntime-fp32", None, ms, m.mb)
+                sess.run(None, {"input": x})
+            row("onnxruntime-fp32", None, median_ms(lambda: sess.run(None, {"input": x}),
+                                                    repeat), m.mb)
         if "onnxruntime-int8" in systems:
             cal = np.concatenate([calib] * (-(-batch // len(calib))))[: max(batch, len(calib))]
             cal = cal[: (len(cal) // batch) * batch]
             with PeakRSS() as m:
                 sess = _ort_session(_onnx_int8(fp32_path, cal, batch, Path(tmp) / "int8.onnx"))
-                ms = median_ms(lambda: sess.run(None, {"input": x}), repeat)
-            row("onnxruntime-int8", None, ms, m.mb)
+                sess.run(None, {"input": x})
+            row("onnxruntime-int8", None, median_ms(lambda: sess.run(None, {"input": x}),
+                                                    repeat), m.mb)
         if "tvm-fp32" in systems:
             with PeakRSS() as m:
                 runner = frontend.build_fp32(frontend.import_model(model, x))
-                ms = median_ms(lambda: runner(x), tvm_repeat, warmup=1)
-            row("tvm-fp32", None, ms, m.mb)
+                runner(x)
+            row("tvm-fp32", None, median_ms(lambda: runner(x), tvm_repeat, warmup=0), m.mb)
         if "flexiq-llvm" in systems:
             cfg = FlexiQConfig(selection="static", calib_images=32, ratios=tuple(ratios))
             plan = quantize(model, calib, cfg, model_name=name, progress=False)
