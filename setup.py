@@ -23,7 +23,8 @@ setup(
     packages=lib_packages + schedule_packages + target_packages,
     package_dir=package_dir,
     package_data={
-        "flexiq_tvm.zoo": ["checkpoints/*.pt", "checkpoints/manifest.json"],
+        "flexiq_tvm.zoo": ["checkpoints/*.pt", "checkpoints/manifest.json",
+                       "checkpoints/finetuned/*"],
         "flexiq_tvm.schedules": ["**/*.json"],
         "flexiq_tvm.target": ["**/*.c", "**/*.h", "**/*.md"],
     },

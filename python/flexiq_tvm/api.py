@@ -15,7 +15,7 @@ from .runtime.module import FlexiQModule
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("llvm",)
+TARGETS = ("llvm", "flexiq_npu")
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _kept_fp32(mod) -> list[dict]:
 def compile(model, example_input, calib_data=None, target="llvm",
             config: FlexiQConfig | None = None, plan: QuantPlan | None = None,
             via: str = "torch.export", expose_layers: bool = False,
-            progress: bool = False) -> CompiledModule:
+            progress: bool = False, npu_config=None) -> CompiledModule:
     """Quantize (unless ``plan`` is given) and compile a model into a FlexiQ module.
 
     Parameters
@@ -103,13 +103,19 @@ def compile(model, example_input, calib_data=None, target="llvm",
     calib_data
         float32 calibration images (needed when ``plan`` is None).
     target
-        ``"llvm"`` (this machine's CPU).
+        ``"llvm"`` (this machine's CPU) or ``"flexiq_npu"`` (the simulated FlexiNPU through
+        BYOC: covered layers with their epilogues and residual adds run as NPU programs, the
+        rest on the CPU; one entry function, the ratio is switched by patching the programs'
+        boundary registers).
     config
         :class:`FlexiQConfig` (ratios, selection, ...).
     via
         Frontend for torch models: ``"torch.export"`` or ``"onnx"``.
     expose_layers
-        Also return every covered layer's input and int32 accumulator (for oracle checks).
+        Also return every covered layer's input and int32 accumulator (for oracle checks;
+        llvm only).
+    npu_config
+        :class:`flexiq_tvm.target.npu.NPUConfig` for ``target="flexiq_npu"`` (default one).
     """
     import tvm
 
@@ -137,6 +143,11 @@ def compile(model, example_input, calib_data=None, target="llvm",
     t0 = time.perf_counter()
     imported = frontend.import_model(model, x.astype(np.float32), via=via)
     mod = transform.prepare()(imported.bound())
+    if target == "flexiq_npu":
+        if expose_layers:
+            raise ValueError("expose_layers is for target='llvm' (the NPU's per-layer oracle "
+                             "check runs its programs in flexiq_tvm.target.npu.sim)")
+        return _compile_npu(mod, x, plan, ratios, via, times, npu_config)
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
@@ -174,6 +185,39 @@ def compile(model, example_input, calib_data=None, target="llvm",
             "report": report.as_dict()}
     return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
                           layers=qpass.layers, metadata=json_safe(meta))
+
+
+def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule:
+    from .target import npu
+
+    t0 = time.perf_counter()
+    ex, info = npu.build(mod, plan, ratios, npu_config)
+    times["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lib = ex.jit()  # compiles the NPU module's C source: one library, one instruction memory
+    times["jit"] = time.perf_counter() - t0
+    covered = {p["layer"] for p in info["programs"] if p["layer"]}
+    report = CompileReport(ratios=ratios, times_s=times)
+    for p in info["programs"]:
+        if p["layer"]:
+            lp = plan.layer(p["layer"])
+            report.covered.append({"layer": lp.name, "kind": lp.kind, "grouped": lp.groups > 1,
+                                   "gather": False, "npu_program": p["symbol"],
+                                   "n_low": {k: int(v) for k, v in lp.n_low.items()}})
+    report.kept_fp32 = [{"op": lp.name, "shape": None,
+                         "reason": "not offloaded to flexiq_npu (pattern or buffer size)"}
+                        for lp in plan.layers if lp.name not in covered]
+    int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in covered)
+    report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
+    meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
+            "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),
+                     "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
+                     "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}},
+            "ratio_switch": {"entry": info["entry"], "function": info["set_ratio"]},
+            "npu": info, "report": report.as_dict()}
+    cm = CompiledModule(lib, ratios, x.shape, report, plan, metadata=json_safe(meta))
+    cm.exportable = ex
+    return cm
 
 
 def json_safe(obj):

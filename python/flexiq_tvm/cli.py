@@ -116,7 +116,7 @@ def cmd_compile(args) -> int:
 
     plan = QuantPlan.load(args.plan) if args.plan else None
     res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
-                              n_images=args.limit)
+                              n_images=args.limit, finetuned=args.finetuned)
     print_compiled(res)
     if args.json:
         doc = {k: v for k, v in res.items() if k != "report"}
@@ -229,6 +229,31 @@ def cmd_loadtest(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import FinetuneConfig, run
+    from .plan import QuantPlan
+
+    cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         alpha=args.alpha, train_images=args.train_images,
+                         learn_act_scale=args.learn_act_scale, seed=args.seed)
+    plan = QuantPlan.load(args.plan) if args.plan else None
+    doc = run(args.model, cfg, plan=plan, selection=args.selection, limit=args.limit,
+              threads=args.threads, save=not args.no_save, progress=args.verbose)
+    print(f"{args.model}: {doc['finetune']['steps']} steps in {doc['finetune']['seconds']:.0f} s;"
+          f" top-1 on {doc['n_images']} test images (FP32 {_fmt(doc['fp32']['top1'])})")
+    rows = {(r["method"], r["ratio"]): r["top1"] for r in doc["results"]}
+    ratios = sorted({r for m, r in rows if m == "flexiq-ptq"})
+    print(f"  {'ratio':>5} {'PTQ':>8} {'finetuned':>10}")
+    for r in ratios:
+        print(f"  {r:>5g} {_fmt(rows[('flexiq-ptq', r)]):>8} "
+              f"{_fmt(rows[('flexiq-finetuned', r)]):>10}")
+    print(f"  uniform W4A4 (post-training): {_fmt(rows[('uniform-w4a4', None)])}")
+    if "checkpoint" in doc:
+        print(f"  checkpoint: zoo/checkpoints/finetuned/{args.model}.pt + .plan.npz")
+    _write_json(doc, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -292,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "batch-1 latency from real runs.")
     c.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
     c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")
+    c.add_argument("--finetuned", action="store_true",
+                   help="compile the committed finetuned model and plan (`flexiq-tvm finetune`)")
     c.add_argument("--selection", default="static",
                    choices=("static", "greedy", "evolutionary", "random"))
     c.add_argument("--via", default="torch.export", choices=("torch.export", "onnx"))
@@ -349,6 +376,33 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--plot", metavar="PNG", help="write the load / ratio / latency plot here")
     lt.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     lt.set_defaults(func=cmd_loadtest)
+
+    f = sub.add_parser("finetune", help="quantization-aware finetuning for every ratio at once",
+                       description="Finetune a Fashion-MNIST zoo model under its FlexiQ plan "
+                       "(straight-through estimator, one ratio sampled per step, distillation "
+                       "from FP32; nested channel sets fixed), commit the finetuned checkpoint "
+                       "and plan, and print PTQ vs finetuned top-1 at every ratio.")
+    f.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    f.add_argument("--plan", metavar="PATH", help="start from this QuantPlan instead of "
+                   "post-training selection")
+    f.add_argument("--selection", default="greedy",
+                   choices=("static", "greedy", "evolutionary"),
+                   help="post-training selection of the starting plan (default greedy)")
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW peak lr, cosine (default 1e-4)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--alpha", type=float, default=0.7,
+                   help="distillation weight against cross-entropy (default 0.7)")
+    f.add_argument("--train-images", type=int, default=None,
+                   help="train on a seeded subset of N training images (default all 60000)")
+    f.add_argument("--learn-act-scale", action="store_true",
+                   help="also learn each layer's activation scale (clipping range)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    f.add_argument("--limit", type=int, default=2000, help="test images evaluated (default 2000)")
+    f.add_argument("--no-save", action="store_true", help="do not write the checkpoint")
+    f.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "

@@ -49,9 +49,12 @@ def top1_per_ratio(cm, xs, ys) -> dict[float, float]:
 
 
 def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str = "static",
-                        via: str = "torch.export", n_images: int = 1000) -> dict:
+                        via: str = "torch.export", n_images: int = 1000,
+                        finetuned: bool = False) -> dict:
     """Compile a zoo FMNIST model with FlexiQ, then for each ratio measure top-1 on the first
-    ``n_images`` test images and the batch-1 median latency, beside torch FP32."""
+    ``n_images`` test images and the batch-1 median latency, beside torch FP32.
+
+    ``finetuned``: compile the committed finetuned model and its plan instead."""
     import torch
 
     import flexiq_tvm
@@ -61,8 +64,16 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
     from .runtime.module import median_ms
     from .zoo import data, registry
 
-    model = registry.get_model(name)
-    cfg = FlexiQConfig(selection=selection)
+    if finetuned:
+        if plan is not None:
+            raise ValueError("finetuned=True compiles the finetuned checkpoint's own plan")
+        from .finetune import load_finetuned
+
+        model, plan = load_finetuned(name)
+        selection = "finetuned"
+    else:
+        model = registry.get_model(name)
+    cfg = FlexiQConfig(selection="static" if finetuned else selection)
     t0 = time.perf_counter()
     if plan is None:
         plan = quantize(model, data.fmnist_calibration(cfg.calib_images, cfg.seed), cfg,

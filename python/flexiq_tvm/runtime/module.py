@@ -8,6 +8,11 @@ Thread safety: each thread gets its own ``VirtualMachine`` over the shared execu
 keeps per-call state), so concurrent calls return exactly what serial calls return. The
 module-wide ratio is one attribute write (``set_ratio``); a call may also name its own ratio
 without touching the module-wide one.
+
+Switch mode (``metadata["ratio_switch"] = {"entry": ..., "function": ...}``, the flexiq_npu
+target): one entry function serves every ratio and the ratio lives in the device's
+instruction memory; ``function(i)`` patches it to the ``i``-th compiled ratio.  Calls are then
+serialized (one simulated device), and a call at another ratio patches before it runs.
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ class FlexiQModule:
         self.metadata = dict(metadata or {})
         self.ratio = self._ratios[0]
         self._local = threading.local()
+        self._switch = self.metadata.get("ratio_switch")
+        self._device_lock = threading.Lock()
+        self._loaded_ratio = None
         self._vm()  # fail early if an entry function is missing
+        if self._switch:
+            self.set_ratio(self.ratio)
 
     # ------------------------------------------------------------------ ratios
     @property
@@ -79,8 +89,36 @@ class FlexiQModule:
         return r
 
     def set_ratio(self, ratio: float) -> None:
-        """Make ``ratio`` the module-wide default (a validated attribute write: microseconds)."""
-        self.ratio = self._checked(ratio)
+        """Make ``ratio`` the module-wide default (a validated attribute write: microseconds;
+        in switch mode also the device's instruction-memory patch)."""
+        r = self._checked(ratio)
+        if self._switch:
+            with self._device_lock:
+                self._patch(r)
+        self.ratio = r
+
+    def _patch(self, r: float) -> None:
+        """Switch mode: write ratio ``r`` into the device program (caller holds the lock)."""
+        if self._loaded_ratio != r:
+            self._switch_fn(self._ratios.index(r))
+            self._loaded_ratio = r
+
+    @property
+    def _switch_fn(self):
+        fn = getattr(self, "_switch_cached", None)
+        if fn is None:
+            fn = self.library_function(self._switch["function"])
+            self._switch_cached = fn
+        return fn
+
+    def library_function(self, name: str):
+        """A function of the compiled library (or of a module it imports), by name."""
+        self._vm()
+        lib = getattr(self.executable, "mod", self.executable)
+        fn = lib.get_function(name, query_imports=True)
+        if fn is None:
+            raise KeyError(f"the compiled library has no function {name!r}")
+        return fn
 
     # ------------------------------------------------------------------ calls
     def _vm(self):
@@ -89,7 +127,10 @@ class FlexiQModule:
             from tvm import relax
 
             vm = relax.VirtualMachine(self.executable, self.device)
-            funcs = {r: vm[variant_name(r)] for r in self._ratios}
+            if self._switch:
+                funcs = dict.fromkeys(self._ratios, vm[self._switch["entry"]])
+            else:
+                funcs = {r: vm[variant_name(r)] for r in self._ratios}
             self._local.vm, self._local.funcs = vm, funcs
         return funcs
 
@@ -108,7 +149,13 @@ class FlexiQModule:
         import tvm
 
         r = self.ratio if ratio is None else self._checked(ratio)
-        return self._vm()[r](tvm.runtime.tensor(self._check(x), self.device))
+        fn = self._vm()[r]
+        x = tvm.runtime.tensor(self._check(x), self.device)
+        if not self._switch:
+            return fn(x)
+        with self._device_lock:
+            self._patch(r)
+            return fn(x)
 
     def __call__(self, x, ratio: float | None = None) -> np.ndarray:
         """The model's first output (a module with exposed layer tensors returns them after
@@ -136,5 +183,5 @@ class FlexiQModule:
             meta.get("profile_ms") or self.profile())
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
-        return export(self.executable, path, ratios=self._ratios, input_shape=self.input_shape,
+        return export(getattr(self, "exportable", self.executable), path, ratios=self._ratios, input_shape=self.input_shape,
                       input_dtype=self.input_dtype, metadata=meta, key=key)

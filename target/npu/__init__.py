@@ -1,0 +1,46 @@
+"""FlexiNPU: a simulated mixed INT8/INT4 systolic-array accelerator as a TVM BYOC target.
+
+* :class:`NPUConfig` -- the machine model (array, buffers, DMA, vector unit, clock);
+* :func:`partition_for_flexiq_npu` / :func:`flexiq_npu_patterns` -- what is offloaded;
+* ``relax.ext.flexiq_npu`` (:mod:`.codegen`) -- programs + simulator as a C runtime module;
+* :mod:`.sim` -- the same simulator as a host library (tests, per-layer oracle checks);
+* :func:`build` -- bound Relax module -> executable; ``flexiq_tvm.compile(...,
+  target="flexiq_npu")`` calls it.
+
+See README.md in this folder for the machine and its instruction set.
+"""
+
+from __future__ import annotations
+
+from .isa import NPUConfig
+from .patterns import flexiq_npu_patterns, partition_for_flexiq_npu
+
+__all__ = ["NPUConfig", "build", "flexiq_npu_patterns", "partition_for_flexiq_npu"]
+
+
+def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
+    """Partition a prepared module for the NPU, run the codegen, build the host part.
+
+    Returns ``(executable, info)``; ``info`` lists the programs (symbol, pattern, plan layer,
+    bytes) and names the ratio-switch and stats functions of the NPU module.
+    """
+    import tvm
+    from tvm import relax
+
+    from ...frontend import default_llvm_target
+    from ...schedules.llvm import PASS_CONFIG, pipeline
+    from . import codegen
+
+    config = config or NPUConfig()
+    mod = partition_for_flexiq_npu(mod, plan, config)
+    with codegen.codegen_context(plan, ratios, config) as state:
+        mod = relax.transform.RunCodegen()(mod)
+    if not state.programs:
+        raise ValueError("no layer of the model could be offloaded to flexiq_npu")
+    tgt = host_target or tvm.target.Target(default_llvm_target())
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
+    info = {"programs": state.programs, "set_ratio": f"flexiq_npu_set_ratio_{state.tag}",
+            "stats": f"flexiq_npu_stats_{state.tag}", "entry": "main",
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+    return ex, info
