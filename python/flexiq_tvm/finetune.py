@@ -398,7 +398,8 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
            "finetune": {**dataclasses.asdict(cfg), "selection": selection,
                         "plan_seconds": round(t_plan, 1), **train_log},
            "results": []}
-    for method, (m, p) in (("flexiq-ptq", (model, plan)), ("flexiq-finetuned", (ft_model, ft_plan))):
+    for method, (m, p) in (("flexiq-ptq", (model, plan)),
+                           ("flexiq-finetuned", (ft_model, ft_plan))):
         fq = FakeQuantModel(m, p)
         for r in p.ratios:
             fq.set_ratio(r)

@@ -183,5 +183,7 @@ class FlexiQModule:
             meta.get("profile_ms") or self.profile())
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
-        return export(getattr(self, "exportable", self.executable), path, ratios=self._ratios, input_shape=self.input_shape,
+        # a module that ran from a jitted library exports the executable it came from
+        lib = getattr(self, "exportable", self.executable)
+        return export(lib, path, ratios=self._ratios, input_shape=self.input_shape,
                       input_dtype=self.input_dtype, metadata=meta, key=key)
