@@ -336,3 +336,106 @@ def print_bench(doc: dict) -> None:
         if "peer_over_r1" in e:
             po1 = ", ".join(f"{p} {v:.2f}x" for p, v in e["peer_over_r1"].items())
             print(f"  {e['model']} b{e['batch']}: peers / flexiq r1: {po1}")
+
+
+# ------------------------------------------------------------------------ FlexiNPU
+
+
+def bench_npu(models=DEFAULT_MODELS, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), config=None,
+              n_switch: int = 2000) -> dict:
+    """Cycles and modeled latency per ratio of each model on the simulated FlexiNPU (batch 1,
+    one test image), per layer program, plus the ratio-switch cost (instruction patching).
+
+    Rows follow the bench keys with ``system="flexiq-npu"`` and ``median_ms`` the *modeled*
+    latency (NPU cycles / clock; host ops are not modeled); cycles are in ``npu``.
+    """
+    import flexiq_tvm
+
+    from .config import FlexiQConfig
+    from .eval import load_calibration, load_eval_data
+    from .quantize import quantize
+    from .target import npu
+    from .zoo import registry
+
+    config = config or npu.NPUConfig()
+    doc = {"machine": machine(), "rows": [], "kernels": [], "switch_us": None,
+           "npu": {"config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+                   "models": []}}
+    switches = []
+    for name in models:
+        model = registry.get_model(name)
+        cfg = FlexiQConfig(selection="static", calib_images=32, ratios=tuple(ratios))
+        plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+        _, x, _ = load_eval_data(name, 1)
+        cm = flexiq_tvm.compile(model, x, plan=plan, target="flexiq_npu", config=cfg,
+                                npu_config=config)
+        per_ratio = {}
+        for r in cm.ratios:
+            npu.read_stats(cm, reset=True)
+            cm(x, ratio=r)
+            per_ratio[r] = npu.read_stats(cm, reset=True)
+        totals = {r: {k: sum(p[k] for p in progs) for k in npu.STAT_FIELDS}
+                  for r, progs in per_ratio.items()}
+        for r, t in totals.items():
+            doc["rows"].append({"model": name, "batch": int(x.shape[0]), "system": "flexiq-npu",
+                                "ratio": r, "median_ms": t["total_cycles"] / config.clock_mhz
+                                / 1e3, "peak_mem_mb": None, **t})
+        t0, t1 = totals[ratios[0]]["total_cycles"], totals[ratios[-1]]["total_cycles"]
+        mid = 0.5 if 0.5 in totals else None
+        layers = []
+        for i, p0 in enumerate(per_ratio[ratios[0]]):
+            p1 = per_ratio[ratios[-1]][i]
+            layers.append({"symbol": p0["symbol"], "layer": p0["layer"], "pattern": p0["pattern"],
+                           "compute_bound": p0["compute_cycles"] > max(p0["dma_cycles"],
+                                                                      p0["vector_cycles"]),
+                           "compute_ratio_r0_over_r1": (p0["compute_cycles"] / p1["compute_cycles"]
+                                                        if p1["compute_cycles"] else None),
+                           "cycles": {f"{r:g}": per_ratio[r][i]["total_cycles"]
+                                      for r in per_ratio},
+                           "compute_cycles": {f"{r:g}": per_ratio[r][i]["compute_cycles"]
+                                              for r in per_ratio},
+                           "dma_cycles": {f"{r:g}": per_ratio[r][i]["dma_cycles"]
+                                          for r in per_ratio}})
+        eligible = {lp.name for lp in plan.layers if lp.eligible}
+        cb = [L["compute_ratio_r0_over_r1"] for L in layers
+              if L["compute_bound"] and L["layer"] in eligible]
+        sw = switch_us(cm, n_switch)
+        switches.append(sw)
+        doc["npu"]["models"].append({
+            "model": name, "programs": len(layers), "covered_layers": len(cm.report.covered),
+            "kept_on_host": [k["op"] for k in cm.report.kept_fp32],
+            "total_cycles": {f"{r:g}": t["total_cycles"] for r, t in totals.items()},
+            "speedup_vs_r0": {f"{r:g}": t0 / t["total_cycles"] for r, t in totals.items()},
+            "gain_fraction_r0.5": ((t0 - totals[mid]["total_cycles"]) / (t0 - t1)
+                                   if mid is not None and t0 != t1 else None),
+            "compute_bound_layers": len(cb),
+            "compute_bound_min_ratio": min(cb) if cb else None,
+            "compute_bound_median_ratio": float(np.median(cb)) if cb else None,
+            "switch_us": sw, "layers": layers})
+        log.info("npu %s: cycles %s", name, {f"{r:g}": t["total_cycles"]
+                                              for r, t in totals.items()})
+    doc["switch_us"] = float(np.median(switches)) if switches else None
+    return doc
+
+
+def print_npu(doc: dict) -> None:
+    c = doc["npu"]["config"]
+    print(f"FlexiNPU model: {c['rows']}x{c['cols']} array (8-bit MAC or 2x 4-bit), "
+          f"DMA {c['dma_bytes_per_cycle']} B/cycle, {c['vector_lanes']} vector lanes, "
+          f"{c['clock_mhz']:g} MHz")
+    print(f"  {'model':<20} {'ratio':>5} {'cycles':>10} {'compute':>10} {'dma':>9} "
+          f"{'vector':>9} {'modeled ms':>10} {'speedup':>8}")
+    for m in doc["npu"]["models"]:
+        for r in doc["rows"]:
+            if r["model"] != m["model"]:
+                continue
+            key = f"{r['ratio']:g}"
+            print(f"  {m['model']:<20} {r['ratio']:>5g} {r['total_cycles']:>10} "
+                  f"{r['compute_cycles']:>10} {r['dma_cycles']:>9} {r['vector_cycles']:>9} "
+                  f"{r['median_ms']:>10.4f} {m['speedup_vs_r0'][key]:>7.2f}x")
+        gf = m["gain_fraction_r0.5"]
+        print(f"  {m['model']}: {m['programs']} NPU programs; ratio 0.5 gets "
+              f"{'n/a' if gf is None else f'{100 * gf:.0f} %'} of the ratio-1.0 gain; "
+              f"{m['compute_bound_layers']} compute-bound eligible layers, compute cycles "
+              f"r0/r1 min {m['compute_bound_min_ratio'] or 0:.2f}x, median "
+              f"{m['compute_bound_median_ratio'] or 0:.2f}x; switch {m['switch_us']:.2f} us")

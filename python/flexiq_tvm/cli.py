@@ -128,6 +128,17 @@ def cmd_compile(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.target == "flexiq_npu":
+        models = tuple(args.models.split(",")) if args.models else tuple(
+            m for m in _models() if "fmnist" in m)
+        for m in models:
+            if m not in _models():
+                raise ValueError(f"unknown model {m!r}; choose from {_models()}")
+        doc = bench.bench_npu(models)
+        bench.print_npu(doc)
+        _write_json(doc, args.json)
+        return 0
+
     systems = tuple(args.systems.split(",")) if args.systems else (*bench.PEERS, "flexiq-llvm")
     unknown = set(systems) - set((*bench.PEERS, "flexiq-llvm"))
     if unknown:
@@ -333,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "at each ratio; kernel timings; the ratio-switch cost; peak memory.")
     b.add_argument("--models", help="comma list (default: resnet20, mobilenetv2, vit, "
                    "efficientnet-lite0)")
+    b.add_argument("--target", default="llvm", choices=("llvm", "flexiq_npu"),
+                   help="flexiq_npu: cycles and modeled latency per ratio and per layer on the "
+                   "simulated FlexiNPU (batch 1), instead of wall-clock timings")
     b.add_argument("--batches", default="1,32", help="comma list of batch sizes (default 1,32)")
     b.add_argument("--systems", help="comma list of systems to run (default all)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs per figure (default 20)")

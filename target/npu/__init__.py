@@ -15,7 +15,7 @@ from __future__ import annotations
 from .isa import NPUConfig
 from .patterns import flexiq_npu_patterns, partition_for_flexiq_npu
 
-__all__ = ["NPUConfig", "build", "flexiq_npu_patterns", "partition_for_flexiq_npu"]
+__all__ = ["NPUConfig", "build", "flexiq_npu_patterns", "partition_for_flexiq_npu", "read_stats"]
 
 
 def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
@@ -44,3 +44,22 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
             "stats": f"flexiq_npu_stats_{state.tag}", "entry": "main",
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
     return ex, info
+
+
+STAT_FIELDS = ("compute_cycles", "dma_cycles", "vector_cycles", "total_cycles", "macs",
+               "low_macs")
+
+
+def read_stats(module, reset: bool = True) -> list[dict]:
+    """Per-program cycle counters of a flexiq_npu module since the last reset, in program
+    order, with each program's symbol, pattern and plan layer."""
+    import numpy as np
+    import tvm
+
+    info = module.metadata["npu"]
+    fn = module.library_function(info["stats"])
+    buf = tvm.runtime.tensor(np.zeros((len(info["programs"]), len(STAT_FIELDS)), np.int64))
+    fn(buf, int(reset))
+    return [{"symbol": p["symbol"], "pattern": p["pattern"], "layer": p["layer"],
+             **dict(zip(STAT_FIELDS, (int(v) for v in row), strict=True))}
+            for p, row in zip(info["programs"], buf.numpy(), strict=True)]

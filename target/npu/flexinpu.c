@@ -75,9 +75,23 @@ static int extract4(int32_t q, int shift, int is_signed) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
-/* Cycle model of one GEMM on the array: M rows, per group K_low / K_high reduction rows
- * and Og output columns.  Weight tiles stream through a double-buffered WBUF; the array's
- * accumulators (OBUF) hold Mb x cols int32, so M is blocked and weights re-streamed per block. */
+/* Cycle model of one (grouped) GEMM on the array.  M rows stream through a weight-stationary
+ * array of R x C PEs.  Each PE row runs in 8-bit mode (one reduction row) or in 4-bit mode
+ * (two reduction rows), so a group needs khigh + ceil(klow / 2) row slots.  A tile holds
+ * ceil(slots / R) x ceil(Og / C) pieces of one group, or, when a group fits in one tile,
+ * several whole groups packed block-diagonally (min(R / slots, C / Og) of them; the compiler
+ * may order independent groups freely, so groups of equal slot count are packed together).
+ * Weight tiles stream through a double-buffered WBUF (DMA of tile i+1 overlaps compute of
+ * tile i); the accumulators (OBUF) hold Mb x C int32, so M is blocked and the weights
+ * re-streamed per block.  A tile costs Mb + R + C cycles (stream, fill, drain). */
+typedef struct { int64_t slots, bytes; } fnpu_group;
+
+static int cmp_group(const void* a, const void* b) {
+  const fnpu_group* x = (const fnpu_group*)a;
+  const fnpu_group* y = (const fnpu_group*)b;
+  return x->slots < y->slots ? -1 : (x->slots > y->slots ? 1 : 0);
+}
+
 static void gemm_cycles(fnpu_state* S, int64_t M, int64_t G, const int64_t* klow,
                         const int64_t* khigh, int64_t Og) {
   const fnpu_header* h = S->h;
@@ -85,34 +99,56 @@ static void gemm_cycles(fnpu_state* S, int64_t M, int64_t G, const int64_t* klow
   int64_t mb = (int64_t)h->obuf_bytes / (4 * (Og < Cc ? Og : Cc));
   if (mb < 1) mb = 1;
   if (mb > M) mb = M;
-  int64_t compute = 0, dma = 0, total = 0, pending = -1;
+  /* tiles as (weight bytes) in issue order */
+  fnpu_group* grp = (fnpu_group*)malloc(sizeof(fnpu_group) * (size_t)G);
+  int64_t* tiles = (int64_t*)malloc(sizeof(int64_t) * (size_t)(G * 4 + 64));
+  int64_t cap_tiles = G * 4 + 64, n_tiles = 0;
+  if (!grp || !tiles) { free(grp); free(tiles); return; }
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t m0 = 0; m0 < M; m0 += mb) {
-      int64_t mrows = (M - m0) < mb ? (M - m0) : mb;
-      for (int64_t n0 = 0; n0 < Og; n0 += Cc) {
-        int64_t ncols = (Og - n0) < Cc ? (Og - n0) : Cc;
-        for (int part = 0; part < 2; ++part) {
-          int64_t k = part == 0 ? klow[g] : khigh[g];
-          int64_t per_tile = part == 0 ? 2 * R : R; /* a 4-bit PE row holds two channels */
-          for (int64_t k0 = 0; k0 < k; k0 += per_tile) {
-            int64_t krows = (k - k0) < per_tile ? (k - k0) : per_tile;
-            int64_t bytes = part == 0 ? cdiv(krows * ncols, 2) : krows * ncols;
-            int64_t t_dma = cdiv(bytes, bw);
-            int64_t t_cmp = mrows + R + Cc; /* stream rows; fill and drain the array */
-            if (pending < 0) {
-              total += t_dma; /* first tile: nothing to overlap with */
-            } else {
-              total += pending > t_dma ? pending : t_dma;
-            }
-            pending = t_cmp;
-            compute += t_cmp;
-            dma += t_dma;
-          }
+    grp[g].slots = khigh[g] + cdiv(klow[g], 2);
+    grp[g].bytes = khigh[g] * Og + cdiv(klow[g] * Og, 2);
+  }
+  qsort(grp, (size_t)G, sizeof(fnpu_group), cmp_group);
+  for (int64_t g = 0; g < G;) {
+    int64_t s = grp[g].slots;
+    if (s == 0) { ++g; continue; }
+    if (s > R || Og > Cc) { /* one group over several tiles */
+      int64_t nk = cdiv(s, R), nn = cdiv(Og, Cc);
+      for (int64_t t = 0; t < nk * nn; ++t) {
+        if (n_tiles == cap_tiles) {
+          cap_tiles *= 2;
+          tiles = (int64_t*)realloc(tiles, sizeof(int64_t) * (size_t)cap_tiles);
+          if (!tiles) { free(grp); return; }
         }
+        tiles[n_tiles++] = cdiv(grp[g].bytes, nk * nn);
       }
+      ++g;
+      continue;
+    }
+    int64_t per = R / s < Cc / Og ? R / s : Cc / Og, bytes = 0, k = 0;
+    for (; g < G && grp[g].slots == s && k < per; ++g, ++k) bytes += grp[g].bytes;
+    if (n_tiles == cap_tiles) {
+      cap_tiles *= 2;
+      tiles = (int64_t*)realloc(tiles, sizeof(int64_t) * (size_t)cap_tiles);
+      if (!tiles) { free(grp); return; }
+    }
+    tiles[n_tiles++] = bytes;
+  }
+  int64_t compute = 0, dma = 0, total = 0, pending = -1;
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    int64_t mrows = (M - m0) < mb ? (M - m0) : mb;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      int64_t t_dma = cdiv(tiles[t], bw);
+      int64_t t_cmp = mrows + R + Cc;
+      total += pending < 0 ? t_dma : (pending > t_dma ? pending : t_dma);
+      pending = t_cmp;
+      compute += t_cmp;
+      dma += t_dma;
     }
   }
   if (pending > 0) total += pending;
+  free(grp);
+  free(tiles);
   S->st.compute_cycles += compute;
   S->st.dma_cycles += dma;
   S->st.total_cycles += total;
@@ -299,7 +335,9 @@ static int op_vec(fnpu_state* S, const int32_t* w, const float* const* ins) {
         }
         S->vbuf[i] = v;
       }
-  count_vector(S, n_el, op == FNPU_V_ADDT ? n_el : 0);
+  /* constant ops run as stages of the requantize pipeline (no extra pass); a tensor
+   * operand streams in by DMA */
+  if (op == FNPU_V_ADDT) count_vector(S, 0, n_el);
   return 0;
 }
 
