@@ -7,6 +7,8 @@ import struct
 
 import numpy as np
 import pytest
+from flexiq_tvm.target import npu
+from flexiq_tvm.target.npu import isa, sim
 
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
@@ -14,8 +16,6 @@ from flexiq_tvm import reference as ref
 from flexiq_tvm.eval import load_calibration, load_eval_data
 from flexiq_tvm.plan import LayerPlan
 from flexiq_tvm.quantize import quantize
-from flexiq_tvm.target import npu
-from flexiq_tvm.target.npu import isa, sim
 from flexiq_tvm.zoo import registry
 
 pytestmark = pytest.mark.npu
@@ -85,7 +85,7 @@ def test_epilogue_ops_in_float32_order():
     mul = np.float32(1.7)
     epi = [("add", bias), ("multiply", np.array([mul])), ("subtract", bias[::-1].copy()),
            ("divide", np.full(16, 3, np.float32)), ("clip", (-0.5, 6.0)), ("relu", None)]
-    out, _, acc = _run_layer(lp, x, 1, epi)
+    out, _, _ = _run_layer(lp, x, 1, epi)
     want = ref.dequantize_acc(ref.layer_forward(x, lp, lp.low_mask(0.5))[0], lp.act_scale,
                               lp.w_scale, None, -1)
     want = np.maximum(np.clip((((want + bias) * mul) - bias[::-1]) / np.float32(3), -0.5, 6.0),
