@@ -408,7 +408,7 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
                                y, fp32))
     doc["summary"] = summarize(doc)
     if save:
-        entry = {"top1": {str(r["ratio"]): r["top1"] for r in doc["results"]
+        entry = {"top1": {f"{r['ratio']:g}": r["top1"] for r in doc["results"]
                           if r["method"] == "flexiq-finetuned"},
                  "n_test_images": len(x), "config": doc["finetune"] | {"history": None},
                  "torch": torch.__version__,
