@@ -10,11 +10,11 @@ import torch
 
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
+from flexiq_tvm import reference as ref
 from flexiq_tvm.api import oracle_mismatches
 from flexiq_tvm.eval import load_calibration, load_eval_data
 from flexiq_tvm.fakequant import FakeQuantModel, predict
-from flexiq_tvm.finetune import (FinetuneConfig, QATModel, finetune, load_finetuned,
-                                 read_manifest)
+from flexiq_tvm.finetune import FinetuneConfig, QATModel, finetune, load_finetuned, read_manifest
 from flexiq_tvm.quantize import quantize
 from flexiq_tvm.zoo import data, registry
 
@@ -49,6 +49,7 @@ def test_qat_forward_is_the_fake_quant_model(model_plan):
 def test_export_without_training_gives_back_the_plan(model_plan):
     model, plan = model_plan
     net, plan2 = QATModel(model, plan).export()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in net.state_dict().items())
     for a, b in zip(plan.layers, plan2.layers, strict=True):
         assert np.array_equal(a.w_codes, b.w_codes) and np.array_equal(a.w_scale, b.w_scale)
         assert (a.act_scale, a.act_inv_scale) == (b.act_scale, b.act_inv_scale)
@@ -66,6 +67,9 @@ def test_short_finetune_trains_every_ratio_and_keeps_the_nested_sets(model_plan)
     assert changed == len(plan.layers)  # every layer's weights moved
     for a, b in zip(plan.layers, new.layers, strict=True):
         assert np.array_equal(a.order, b.order) and a.n_low == b.n_low
+        # the compiler finds each layer by these codes in the exported model's weights
+        w = net.get_submodule(b.name).weight.detach().numpy()
+        assert np.array_equal(ref.quantize_weight(w, b.w_scale), b.w_codes)
     assert new.metrics["finetune"]["steps"] == 8
     # the model given is untouched
     ref_w = registry.get_model(NAME).state_dict()

@@ -90,7 +90,7 @@ def _kept_fp32(mod) -> list[dict]:
 def compile(model, example_input, calib_data=None, target="llvm",
             config: FlexiQConfig | None = None, plan: QuantPlan | None = None,
             via: str = "torch.export", expose_layers: bool = False,
-            progress: bool = False, npu_config=None) -> CompiledModule:
+            progress: bool = False, npu_config=None, database="auto") -> CompiledModule:
     """Quantize (unless ``plan`` is given) and compile a model into a FlexiQ module.
 
     Parameters
@@ -116,6 +116,10 @@ def compile(model, example_input, calib_data=None, target="llvm",
         llvm only).
     npu_config
         :class:`flexiq_tvm.target.npu.NPUConfig` for ``target="flexiq_npu"`` (default one).
+    database
+        MetaSchedule records for the non-FlexiQ PrimFuncs (``flexiq-tvm tune``): ``"auto"``
+        applies ``schedules/llvm/tuned`` when it exists, a path applies that work dir,
+        ``None`` none. The report's ``times_s`` notes which was used.
     """
     import tvm
 
@@ -156,8 +160,9 @@ def compile(model, example_input, calib_data=None, target="llvm",
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tgt = tvm.target.Target(frontend.default_llvm_target())
+    db = _database(database)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
     int8 = int4 = 0
@@ -177,7 +182,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
                                  "reason": "plan layer not found in the graph"})
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
-    meta = {"target": tgt.export() if hasattr(tgt, "export") else str(tgt),
+    meta = {"target": tgt.export() if hasattr(tgt, "export") else str(tgt), "database": db,
             "model": plan.model, "via": via,
             "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),
                      "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
@@ -185,6 +190,23 @@ def compile(model, example_input, calib_data=None, target="llvm",
             "report": report.as_dict()}
     return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
                           layers=qpass.layers, metadata=json_safe(meta))
+
+
+def _database(database):
+    """The tuning work dir to apply, or ``None``."""
+    from pathlib import Path
+
+    from .tune import database_exists, default_database
+
+    if database is None:
+        return None
+    if database == "auto":
+        d = default_database("llvm")
+        return str(d) if database_exists(d) else None
+    if not database_exists(database):
+        raise ValueError(f"database={database!r}: no MetaSchedule database there (run "
+                         "`flexiq-tvm tune --work-dir ...`)")
+    return str(Path(database))
 
 
 def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule:

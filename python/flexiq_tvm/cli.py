@@ -265,6 +265,26 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tune import RPCConfig, tune
+
+    if args.target != "llvm":
+        raise ValueError(f"--target {args.target}: tuning is available for llvm")
+    rpc = RPCConfig.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    if args.rpc_key and not args.rpc_tracker:
+        raise ValueError("--rpc-key needs --rpc-tracker HOST:PORT")
+    res = tune(args.model, trials=args.trials, work_dir=args.work_dir, rpc=rpc,
+               max_trials_per_task=args.trials_per_task)
+    done = [t for t in res["tasks"] if t["best_us"] is not None]
+    print(f"{args.model}: {len(res['tasks'])} tasks tuned ({res['skipped_flexiq_kernels']} "
+          f"FlexiQ kernels are hand-scheduled), {res['trials']} trials in {res['seconds']:.0f} s"
+          f"{' via RPC ' + res['rpc'] if res['rpc'] else ''}; database {res['database']}")
+    for t in sorted(done, key=lambda t: -t["best_us"])[:10]:
+        print(f"  {t['task'][:60]:<60} {t['best_us']:>10.2f} us")
+    _write_json(res, args.json)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -417,6 +437,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-save", action="store_true", help="do not write the checkpoint")
     f.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     f.set_defaults(func=cmd_finetune)
+
+    tu = sub.add_parser("tune", help="MetaSchedule-tune a zoo model's non-FlexiQ kernels",
+                        description="Tune, with MetaSchedule and the XGBoost cost model, every "
+                        "PrimFunc of the compiled model except the hand-scheduled FlexiQ kernels "
+                        "(FP32 glue, pooling, norms, attention matmuls). Records go to a JSON "
+                        "database (default schedules/llvm/tuned) that `compile` applies. With "
+                        "--rpc-tracker, candidates run on the devices registered under --rpc-key.")
+    tu.add_argument("--model", required=True, choices=_models())
+    tu.add_argument("--target", default="llvm", choices=("llvm",))
+    tu.add_argument("--trials", type=int, default=64, help="measured candidates (default 64)")
+    tu.add_argument("--trials-per-task", type=int, default=None)
+    tu.add_argument("--work-dir", default=None,
+                    help="database directory (default schedules/llvm/tuned)")
+    tu.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                    help="measure on remote machines through this TVM RPC tracker")
+    tu.add_argument("--rpc-key", metavar="KEY", help="device key the RPC servers registered")
+    tu.add_argument("--json", metavar="PATH", help="write the summary as JSON here")
+    tu.set_defaults(func=cmd_tune)
 
     d = sub.add_parser("demo", help="the main job: zoo accuracy and TVM-vs-torch agreement",
                        description="Load every zoo model, print its FP32 accuracy from a real "

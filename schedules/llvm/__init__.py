@@ -16,16 +16,21 @@ __all__ = ["KERNELS", "PASS_CONFIG", "ScheduleInjective", "pipeline", "schedule_
 PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 
-def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def pipeline(target: tvm.target.Target, database: str | None = None) -> tvm.transform.Pass:
     """TVM's default CPU Relax pipeline plus :class:`ScheduleInjective` after fusion (the
-    FP32 glue between FlexiQ kernels gets one parallel, vectorised loop per fused chain)."""
+    FP32 glue between FlexiQ kernels gets one parallel, vectorised loop per fused chain).
+
+    ``database``: a MetaSchedule work dir (``flexiq-tvm tune``); its records are applied after
+    fusion, and ScheduleInjective then handles only what the database did not."""
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="FlexiQLLVMPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
+        with target:  # the database pass reads the current target when it is made
+            tuned = [relax.transform.MetaScheduleApplyDatabase(str(database))] if database else []
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + tuned
                 + [ScheduleInjective()] + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target))
             return seq(mod)

@@ -28,8 +28,9 @@ def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
     from tvm import s_tir
 
     attrs = func.attrs or {}
-    if int(attrs.get("op_pattern", 0)) >= 4 or "flexiq.scheduled" in attrs:
-        return func  # reductions / opaque kernels
+    if (int(attrs.get("op_pattern", 0)) >= 4 or "flexiq.scheduled" in attrs
+            or attrs.get("tirx.is_scheduled", False)):
+        return func  # reductions / opaque kernels / applied from a tuning database
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")

@@ -521,13 +521,25 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
     return mixed_grouped_conv
 
 
+def _scheduled(builder):
+    """Mark the kernels ``builder`` makes as hand-scheduled: ScheduleInjective and
+    MetaSchedule (``flexiq-tvm tune``) leave them as they are."""
+
+    def build(*args, **kwargs):
+        return builder(*args, **kwargs).with_attr("flexiq.scheduled", True)
+
+    build.__name__ = builder.__name__
+    build.__doc__ = builder.__doc__
+    return build
+
+
 KERNELS = {
     "gemm_tiles": (TO, TP),
-    "quantize_nhwc": quantize_nhwc,
-    "quantize_rows": quantize_rows,
-    "mixed_gemm": mixed_gemm,
+    "quantize_nhwc": _scheduled(quantize_nhwc),
+    "quantize_rows": _scheduled(quantize_rows),
+    "mixed_gemm": _scheduled(mixed_gemm),
     "low_layout": LowLayout,
-    "dequantize": dequantize,
-    "quantize_padded": quantize_padded,
-    "mixed_grouped_conv": mixed_grouped_conv,
+    "dequantize": _scheduled(dequantize),
+    "quantize_padded": _scheduled(quantize_padded),
+    "mixed_grouped_conv": _scheduled(mixed_grouped_conv),
 }
