@@ -85,6 +85,7 @@ def run(module, accuracy: dict, duration_s: float = 30.0, slo_ms: float | None =
         plot: str | None = None) -> dict:
     """The load test as the DESIGN.md ``loadtest`` document (see the module docs)."""
     x = np.zeros(module.input_shape[1:], module.input_dtype) if x is None else np.asarray(x)
+    accuracy = {f"{float(k):g}": v for k, v in accuracy.items()}  # keys: ratios or their text
     profile = module.profile(repeat=30)
     cap0 = 1000.0 / profile["0"]
     arrivals, steps = bursty_trace(duration_s, base * cap0, burst * cap0, burst_frac, seed=seed)
