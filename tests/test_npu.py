@@ -137,7 +137,7 @@ def test_cycle_model_monotone_and_two_x_on_compute_bound_layer():
     st = [_run_layer(lp, x, i)[1] for i in range(3)]
     comp = [s["compute_cycles"] for s in st]
     assert comp[0] > comp[1] > comp[2]
-    # K = 64 * 9 = 576 rows: 36 tiles in 8-bit, 18 in 4-bit (two channels per PE row)
+    # K = 64 * 9 = 576 rows: 36 tiles of 16 rows in 8-bit, 18 in 4-bit (two per PE row)
     assert comp[0] == 2 * comp[2]
     assert st[0]["compute_cycles"] > st[0]["dma_cycles"]  # compute-bound
     assert [s["total_cycles"] for s in st] == sorted((s["total_cycles"] for s in st),

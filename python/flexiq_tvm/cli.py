@@ -134,7 +134,10 @@ def cmd_bench(args) -> int:
         for m in models:
             if m not in _models():
                 raise ValueError(f"unknown model {m!r}; choose from {_models()}")
-        doc = bench.bench_npu(models)
+        from .target.npu import NPUConfig
+
+        doc = bench.bench_npu(models, config=NPUConfig(
+            **{k: v for k, v in (("rows", args.npu_rows), ("cols", args.npu_cols)) if v}))
         bench.print_npu(doc)
         _write_json(doc, args.json)
         return 0
@@ -367,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default="llvm", choices=("llvm", "flexiq_npu"),
                    help="flexiq_npu: cycles and modeled latency per ratio and per layer on the "
                    "simulated FlexiNPU (batch 1), instead of wall-clock timings")
+    b.add_argument("--npu-rows", type=int, default=None, help="FlexiNPU array rows (default 16)")
+    b.add_argument("--npu-cols", type=int, default=None,
+                   help="FlexiNPU array columns (default 16)")
     b.add_argument("--batches", default="1,32", help="comma list of batch sizes (default 1,32)")
     b.add_argument("--systems", help="comma list of systems to run (default all)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs per figure (default 20)")

@@ -31,6 +31,10 @@ class NPUConfig:
     rows x cols PEs, each one 8-bit MAC or two 4-bit MACs per cycle (a 4-bit PE row holds two
     reduction channels); on-chip buffers in bytes; DMA bandwidth in bytes per cycle; a vector
     unit of ``vector_lanes`` float32 lanes; ``clock_mhz`` turns cycles into modeled time.
+
+    The default 16 x 16 array is the faster of the two 256-PE shapes measured in
+    docs/results.md; an 8 x 32 array rounds the zoo's small 4-bit K tiles less (a larger share
+    of the 4-bit gain) but pays twice the tile fills.
     """
 
     rows: int = 16
