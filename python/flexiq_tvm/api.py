@@ -30,11 +30,13 @@ class CompileReport:
     times_s: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The report as JSON types (the ``report`` key of compile's JSON and metadata)."""
         return {"covered": self.covered, "kept_fp32": self.kept_fp32, "gathers": self.gathers,
                 "weight_bytes": self.weight_bytes, "ratios": self.ratios,
                 "times_s": self.times_s}
 
     def summary(self) -> str:
+        """A few human-readable lines: coverage, weight bytes, what stayed FP32, gathers."""
         wb = self.weight_bytes
         lines = [
             f"covered layers: {len(self.covered)}  kept FP32: {len(self.kept_fp32)}  "

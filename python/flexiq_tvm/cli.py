@@ -298,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flexiq-tvm",
         description="FlexiQ adaptive INT8/INT4 mixed-precision quantization on Apache TVM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""typical flow:
+  flexiq-tvm eval --model resnet20_fmnist --ratios 0,0.5,1     accuracy per ratio (fake-quant)
+  flexiq-tvm quantize --model resnet20_fmnist --out plan.npz    calibration + channel selection
+  flexiq-tvm compile --model resnet20_fmnist --plan plan.npz    llvm module, top-1 + latency
+  flexiq-tvm tune --model vit_fmnist --trials 64                MetaSchedule for the FP32 glue
+  flexiq-tvm bench --target flexiq_npu                          NPU cycles per ratio
+  flexiq-tvm finetune --model mobilenetv2_fmnist --epochs 2     one model for every ratio
+  flexiq-tvm serve model.flexiq --slo-ms 5                      adaptive HTTP serving
+
+Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.""",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -345,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_args(q)
     q.set_defaults(func=cmd_quantize)
 
-    c = sub.add_parser("compile", help="compile a zoo model with FlexiQ for llvm and measure it",
+    c = sub.add_parser("compile", help="compile a zoo model with FlexiQ (llvm) and measure it",
                        description="Quantize (or load --plan), compile one module with a "
                        "function per ratio, print the compile report and, per ratio, top-1 and "
                        "batch-1 latency from real runs.")

@@ -78,6 +78,7 @@ class FlexiQConfig:
             raise ValueError(f"population={self.population}; must be at least 4")
 
     def to_dict(self) -> dict:
+        """The configuration as a JSON-ready dict (stored in every plan)."""
         return asdict(self)
 
 

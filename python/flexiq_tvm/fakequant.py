@@ -122,6 +122,7 @@ class FakeQuantModel(nn.Module):
         self.set_ratio(plan.ratios[0])
 
     def set_ratio(self, ratio: float) -> None:
+        """Run every layer with the plan's 4-bit channel set of ``ratio`` (one of its ratios)."""
         self.plan.check_ratio(ratio)
         for lp in self.plan.layers:
             self.layers[lp.name].set_low(lp.low_mask(ratio))
@@ -134,6 +135,7 @@ class FakeQuantModel(nn.Module):
         self.ratio = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the quantized model (float32 unless built with another ``dtype``)."""
         return self.net(x)
 
 

@@ -55,10 +55,12 @@ class LayerPlan:
 
     @property
     def in_channels(self) -> int:
+        """Input channels of the layer (the length of ``order``)."""
         return len(self.order)
 
     @property
     def depthwise(self) -> bool:
+        """A depthwise conv: one input channel per group."""
         return self.kind == "conv2d" and self.groups > 1 and self.weight_shape[1] == 1
 
     def low_mask(self, ratio: float) -> np.ndarray:
@@ -77,12 +79,14 @@ class QuantPlan:
     metrics: dict = field(default_factory=dict)  # per-ratio MAC / channel fractions, timing
 
     def layer(self, name: str) -> LayerPlan:
+        """The layer plan of module path ``name`` (``KeyError`` if the plan has none)."""
         for lp in self.layers:
             if lp.name == name:
                 return lp
         raise KeyError(f"no layer {name!r} in the plan")
 
     def check_ratio(self, ratio: float) -> str:
+        """The canonical key of ``ratio``; ``ValueError`` naming the plan's ratios if absent."""
         key = ratio_key(ratio)
         if key not in {ratio_key(r) for r in self.ratios}:
             raise ValueError(f"ratio {ratio} is not in the plan; available: "
@@ -121,6 +125,7 @@ class QuantPlan:
     _ARRAYS = ("w_codes", "w_scale", "bias", "act_shift", "w_shift", "order")
 
     def save(self, path: str | Path) -> Path:
+        """Write the plan to one ``.npz`` (arrays + JSON header, no pickle); returns the path."""
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
         header_layers = []

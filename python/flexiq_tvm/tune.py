@@ -54,6 +54,7 @@ class RPCConfig:
         return cls(host, int(port), key)
 
     def runner(self):
+        """A MetaSchedule ``RPCRunner`` that measures on the tracker's devices of ``key``."""
         from tvm.s_tir import meta_schedule as ms
 
         rpc = ms.runner.RPCConfig(tracker_host=self.tracker_host,

@@ -79,6 +79,7 @@ class FlexiQModule:
     # ------------------------------------------------------------------ ratios
     @property
     def ratios(self) -> tuple[float, ...]:
+        """The compiled low-bit ratios, ascending."""
         return self._ratios
 
     def _checked(self, ratio: float) -> float:
