@@ -254,3 +254,19 @@ def test_zoo_layer_programs_bit_exact_with_oracle(name):
             want = ref.layer_forward(flat, lp, lp.low_mask(r))[0]
             _, _, acc = sim.run(sim.patch(prog, i), oshape, xin, acc_size=want.size)
             assert np.array_equal(acc.reshape(want.shape), want), (name, lp.name, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist"])
+def test_zoo_npu_build_equals_llvm_build(name):
+    """The NPU module (programs + host glue) against the llvm module, every ratio."""
+    model = registry.get_model(name)
+    cfg = FlexiQConfig(selection="static", calib_images=32)
+    plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+    _, xs, _ = load_eval_data(name, 4)
+    cn = flexiq_tvm.compile(model, xs[:1], plan=plan, target="flexiq_npu")
+    cl = flexiq_tvm.compile(model, xs[:1], plan=plan, database=None)
+    assert cn.report.kept_fp32 == []
+    for r in cn.ratios:
+        for i in range(len(xs)):
+            np.testing.assert_array_equal(cn(xs[i : i + 1], ratio=r), cl(xs[i : i + 1], ratio=r))

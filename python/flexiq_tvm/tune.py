@@ -21,13 +21,15 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = Path(__file__).resolve().parent / "schedules"
 BUILDER_TIMEOUT_S = 300  # importing tvm.s_tir.tensor_intrin in a builder takes ~40 s here
 
 
 def default_database(target_kind: str = "llvm") -> Path:
-    """Where tuned records of ``target_kind`` live (committed with the repository)."""
-    return SCHEDULES / target_kind / "tuned"
+    """Where tuned records of ``target_kind`` live (committed with the repository): beside
+    the target's kernels in ``flexiq_tvm.schedules`` (the repository's ``schedules/``)."""
+    from . import schedules
+
+    return Path(schedules.__file__).resolve().parent / target_kind / "tuned"
 
 
 def database_exists(work_dir) -> bool:
