@@ -410,10 +410,10 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
     if save:
         entry = {"top1": {f"{r['ratio']:g}": r["top1"] for r in doc["results"]
                           if r["method"] == "flexiq-finetuned"},
-                 "n_test_images": len(x), "config": doc["finetune"] | {"history": None},
+                 "n_test_images": len(x),
+                 "config": {k: v for k, v in doc["finetune"].items() if k != "history"},
                  "torch": torch.__version__,
                  "command": f"flexiq-tvm finetune --model {name} --epochs {cfg.epochs:g}"}
-        entry["config"].pop("history")
         doc["checkpoint"] = save_checkpoint(name, ft_model, ft_plan, entry)
     return doc
 
