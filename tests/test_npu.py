@@ -270,3 +270,20 @@ def test_zoo_npu_build_equals_llvm_build(name):
     for r in cn.ratios:
         for i in range(len(xs)):
             np.testing.assert_array_equal(cn(xs[i : i + 1], ratio=r), cl(xs[i : i + 1], ratio=r))
+
+
+def test_layers_too_large_for_the_buffer_stay_on_the_host(resnet20):
+    """A small activation buffer: the 16 x 28 x 28 layers run on the CPU's FlexiQ kernels (one
+    entry per ratio), the rest on the NPU, and the module still equals the llvm build."""
+    model, plan = resnet20
+    _, xs, _ = load_eval_data("resnet20_fmnist", 2)
+    small = isa.NPUConfig(abuf_bytes=8 * 1024)  # 32 x 14 x 14 = 6272 codes fit, 12544 do not
+    cn = flexiq_tvm.compile(model, xs[:1], plan=plan, target="flexiq_npu", npu_config=small)
+    assert cn.report.kept_fp32 == [] and len(cn.report.covered) == len(plan.layers)
+    on_cpu = {c["layer"] for c in cn.report.covered if c["device"] == "cpu"}
+    # 16-channel inputs are the 28 x 28 ones (12544 codes); the stem's 1 x 28 x 28 fits
+    assert on_cpu == {lp.name for lp in plan.layers if lp.in_channels == 16}
+    assert len(on_cpu) == 8
+    cl = flexiq_tvm.compile(model, xs[:1], plan=plan, database=None)
+    for r in (0.0, 0.5, 1.0, 0.0):  # back to 0: the patch and the variant move together
+        assert np.array_equal(cn(xs[:1], ratio=r), cl(xs[:1], ratio=r))

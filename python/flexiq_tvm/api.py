@@ -220,18 +220,19 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
     t0 = time.perf_counter()
     lib = ex.jit()  # compiles the NPU module's C source: one library, one instruction memory
     times["jit"] = time.perf_counter() - t0
-    covered = {p["layer"] for p in info["programs"] if p["layer"]}
+    on_npu = {p["layer"]: p["symbol"] for p in info["programs"] if p["layer"]}
+    on_cpu = set(info["host_flexiq_layers"])
     report = CompileReport(ratios=ratios, times_s=times)
-    for p in info["programs"]:
-        if p["layer"]:
-            lp = plan.layer(p["layer"])
+    for lp in plan.layers:
+        if lp.name in on_npu or lp.name in on_cpu:
             report.covered.append({"layer": lp.name, "kind": lp.kind, "grouped": lp.groups > 1,
-                                   "gather": False, "npu_program": p["symbol"],
+                                   "gather": False, "device": "npu" if lp.name in on_npu
+                                   else "cpu", "npu_program": on_npu.get(lp.name),
                                    "n_low": {k: int(v) for k, v in lp.n_low.items()}})
-    report.kept_fp32 = [{"op": lp.name, "shape": None,
-                         "reason": "not offloaded to flexiq_npu (pattern or buffer size)"}
-                        for lp in plan.layers if lp.name not in covered]
-    int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in covered)
+        else:
+            report.kept_fp32.append({"op": lp.name, "shape": None,
+                                     "reason": "plan layer not found in the graph"})
+    int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in on_npu)
     report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
     meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
             "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),

@@ -116,7 +116,7 @@ def cmd_compile(args) -> int:
 
     plan = QuantPlan.load(args.plan) if args.plan else None
     res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
-                              n_images=args.limit, finetuned=args.finetuned)
+                              n_images=args.limit, finetuned=args.finetuned, target=args.target)
     print_compiled(res)
     if args.json:
         doc = {k: v for k, v in res.items() if k != "report"}
@@ -367,6 +367,8 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     c.add_argument("--selection", default="static",
                    choices=("static", "greedy", "evolutionary", "random"))
     c.add_argument("--via", default="torch.export", choices=("torch.export", "onnx"))
+    c.add_argument("--target", default="llvm", choices=("llvm", "flexiq_npu"),
+                   help="llvm (this CPU) or flexiq_npu (the simulated NPU through BYOC)")
     c.add_argument("--limit", type=int, default=1000, help="test images per ratio")
     c.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     c.set_defaults(func=cmd_compile)

@@ -50,11 +50,13 @@ def top1_per_ratio(cm, xs, ys) -> dict[float, float]:
 
 def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str = "static",
                         via: str = "torch.export", n_images: int = 1000,
-                        finetuned: bool = False) -> dict:
+                        finetuned: bool = False, target: str = "llvm") -> dict:
     """Compile a zoo FMNIST model with FlexiQ, then for each ratio measure top-1 on the first
     ``n_images`` test images and the batch-1 median latency, beside torch FP32.
 
-    ``finetuned``: compile the committed finetuned model and its plan instead."""
+    ``finetuned``: compile the committed finetuned model and its plan instead. ``target``:
+    ``"llvm"`` or ``"flexiq_npu"`` (latency is then the simulator's wall time; the NPU's
+    modeled cycles come from ``flexiq-tvm bench --target flexiq_npu``)."""
     import torch
 
     import flexiq_tvm
@@ -81,7 +83,7 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
     t_plan = time.perf_counter() - t0
     xs, ys = data.load_fmnist("test", n_images)
     t0 = time.perf_counter()
-    cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, config=cfg)
+    cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, config=cfg, target=target)
     t_compile = time.perf_counter() - t0
     torch.set_num_threads(1)
     x1 = xs[:1]
@@ -92,12 +94,14 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
                                                                   50, warmup=5)}
             for r in cm.ratios]
     return {"model": name, "via": via, "selection": selection, "n_images": n_images,
+            "target": target,
             "plan_seconds": t_plan, "compile_seconds": t_compile, "torch_fp32_ms": torch_ms,
             "rows": rows, "report": cm.report}
 
 
 def print_compiled(res: dict) -> None:
-    print(f"{res['model']}: FlexiQ ({res['selection']} selection) compiled for llvm via "
+    print(f"{res['model']}: FlexiQ ({res['selection']} selection) compiled for "
+          f"{res.get('target', 'llvm')} via "
           f"{res['via']} in {res['compile_seconds']:.1f} s (plan {res['plan_seconds']:.1f} s)")
     print(res["report"].summary())
     print(f"  {'ratio':>5} {'top-1':>8} {'batch-1 ms':>11}   (first {res['n_images']} test images)")

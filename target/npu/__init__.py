@@ -27,12 +27,25 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
     import tvm
     from tvm import relax
 
+    from ... import transform
     from ...frontend import default_llvm_target
-    from ...schedules.llvm import PASS_CONFIG, pipeline
+    from ...schedules.llvm import KERNELS, PASS_CONFIG, pipeline
     from . import codegen
 
     config = config or NPUConfig()
     mod = partition_for_flexiq_npu(mod, plan, config)
+    # plan layers the NPU cannot take (input over ABUF, no pattern) still run FlexiQ, on the
+    # CPU's kernels: one entry per ratio (main_r000 ...), the NPU part switched by patching
+    annotate = transform.AnnotateChannelPrecision(plan)
+    mod = annotate(mod)
+    g = transform._graph
+    host = [str(g.composite_kind(mod, b.value)[1].attrs["flexiq.layer"])
+            for b in g.bindings(mod["main"]) if g.composite_kind(mod, b.value) is not None]
+    if host:
+        mod = transform.ReorderChannelBlocks(plan)(mod)
+        mod = transform.QuantizeMixedPrecision(plan, KERNELS, ratios)(mod)
+    else:
+        mod = transform.strip_composites(mod)
     with codegen.codegen_context(plan, ratios, config) as state:
         mod = relax.transform.RunCodegen()(mod)
     if not state.programs:
@@ -41,7 +54,9 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
     info = {"programs": state.programs, "set_ratio": f"flexiq_npu_set_ratio_{state.tag}",
-            "stats": f"flexiq_npu_stats_{state.tag}", "entry": "main",
+            "stats": f"flexiq_npu_stats_{state.tag}",
+            "entry": None if host else "main",  # None: one variant per ratio
+            "host_flexiq_layers": host,  # plan layers on the CPU's FlexiQ kernels
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
     return ex, info
 

@@ -10,8 +10,9 @@ module-wide ratio is one attribute write (``set_ratio``); a call may also name i
 without touching the module-wide one.
 
 Switch mode (``metadata["ratio_switch"] = {"entry": ..., "function": ...}``, the flexiq_npu
-target): one entry function serves every ratio and the ratio lives in the device's
-instruction memory; ``function(i)`` patches it to the ``i``-th compiled ratio.  Calls are then
+target): the ratio lives in the device's instruction memory; ``function(i)`` patches it to the
+``i``-th compiled ratio. One entry function serves every ratio (``entry``), or, when some
+layers run FlexiQ kernels on the CPU too, the per-ratio entries (``entry`` None). Calls are
 serialized (one simulated device), and a call at another ratio patches before it runs.
 """
 
@@ -128,7 +129,7 @@ class FlexiQModule:
             from tvm import relax
 
             vm = relax.VirtualMachine(self.executable, self.device)
-            if self._switch:
+            if self._switch and self._switch.get("entry"):
                 funcs = dict.fromkeys(self._ratios, vm[self._switch["entry"]])
             else:
                 funcs = {r: vm[variant_name(r)] for r in self._ratios}
