@@ -403,7 +403,8 @@ def bench_npu(models=DEFAULT_MODELS, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), config=
         switches.append(sw)
         doc["npu"]["models"].append({
             "model": name, "programs": len(layers), "covered_layers": len(cm.report.covered),
-            "kept_on_host": [k["op"] for k in cm.report.kept_fp32],
+            "kept_on_host": [c["layer"] for c in cm.report.covered if c["device"] == "cpu"]
+            + [k["op"] for k in cm.report.kept_fp32],
             "total_cycles": {f"{r:g}": t["total_cycles"] for r, t in totals.items()},
             "speedup_vs_r0": {f"{r:g}": t0 / t["total_cycles"] for r, t in totals.items()},
             "gain_fraction_r0.5": ((t0 - totals[mid]["total_cycles"]) / (t0 - t1)
