@@ -66,6 +66,23 @@ class RPCConfig:
             number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
 
 
+def prune(work_dir) -> None:
+    """Keep only the best record of each tuned workload (and only workloads with a record):
+    what ``compile`` applies, without the untuned workloads' module text."""
+    import os
+    import tempfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        pruned = ms.database.JSONDatabase(work_dir=tmp)
+        db.dump_pruned(pruned)
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            os.replace(Path(tmp) / name, work_dir / name)
+
+
 def lowered(model, example_input, plan, ratios, via: str = "torch.export"):
     """The module ``compile`` would build, after legalization and fusion (the PrimFuncs
     MetaSchedule sees), and its target."""
@@ -141,6 +158,8 @@ def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = Non
         num_trials_per_iter=num_trials_per_iter,
         builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S),
         runner=rpc.runner() if rpc else "local", cost_model="xgb")
+    prune(work_dir)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
     best = []
     for ctx in contexts:
         recs = database.get_top_k(database.commit_workload(ctx.mod), 1)
