@@ -25,7 +25,7 @@ one key should share that CPU, or pass a work dir per device kind.
 
 Below, a tracker and two servers start on loopback, as if they were two devices.
 
-Run it by hand: ``.venv/bin/python tutorials/05_autotuning.py`` (about 5 minutes).
+Run it by hand: ``.venv/bin/python tutorials/05_autotuning.py`` (about 10 minutes).
 """
 
 # %%
@@ -42,7 +42,7 @@ from flexiq_tvm.zoo import fmnist_calibration, get_model, load_fmnist
 
 name = "vit_fmnist"
 local_db = OUT / "tuned_local"
-res = tune(name, trials=pick(2, 64), work_dir=local_db, num_trials_per_iter=pick(2, 16))
+res = tune(name, trials=pick(2, 24), work_dir=local_db, num_trials_per_iter=pick(2, 8))
 done = [t for t in res["tasks"] if t["best_us"] is not None]
 print(f"{len(res['tasks'])} tasks ({res['skipped_flexiq_kernels']} FlexiQ kernels left alone), "
       f"{len(done)} measured, {res['seconds']:.0f} s")
@@ -62,7 +62,7 @@ if not FAST:
     try:
         time.sleep(2)
         print(rpc.connect_tracker("127.0.0.1", tracker.port).text_summary())
-        remote = tune(name, trials=32, work_dir=OUT / "tuned_rpc",
+        remote = tune(name, trials=16, work_dir=OUT / "tuned_rpc", num_trials_per_iter=8,
                       rpc=RPCConfig("127.0.0.1", tracker.port, "tutorial"))
         print(f"via RPC: {len(remote['tasks'])} tasks, {remote['seconds']:.0f} s")
     finally:
