@@ -158,14 +158,13 @@ def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = Non
         num_trials_per_iter=num_trials_per_iter,
         builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S),
         runner=rpc.runner() if rpc else "local", cost_model="xgb")
-    prune(work_dir)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
     best = []
     for ctx in contexts:
         recs = database.get_top_k(database.commit_workload(ctx.mod), 1)
         us = (1e6 * float(np.mean([float(v) for v in recs[0].run_secs]))
               if recs and recs[0].run_secs else None)
         best.append({"task": ctx.task_name, "best_us": us})
+    prune(work_dir)  # after reading: the summary must not add workloads back
     return {"model": name, "target": str(target), "trials": trials, "tasks": best,
             "skipped_flexiq_kernels": len(skipped), "seconds": round(time.time() - t0, 1),
             "database": str(work_dir), "rpc": None if rpc is None else
