@@ -4,11 +4,13 @@
  * reference does.)  The same file is compiled into every flexiq_npu runtime module. */
 #include "flexinpu.h"
 
-/* every float operation rounds on its own, as in the reference (no fused multiply-add) */
+/* every float operation rounds on its own, as in the reference (no fused multiply-add); and
+ * optimized even where the embedding build passes no -O flag (TVM compiles the runtime
+ * module's C source with plain g++ -shared) */
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
+#pragma GCC optimize("O2", "fp-contract=off")
 #endif
 
 #include <math.h>
