@@ -69,6 +69,7 @@ fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot([p[2] for p in points], [100 * p[1] for p in points], "o-")
 for r, agree, ms in points:
     ax.annotate(f"r={r:g}", (ms, 100 * agree), textcoords="offset points", xytext=(5, 5))
+ax.margins(0.15)  # room for the labels
 ax.set_xlabel("batch-1 latency (ms), this CPU")
 ax.set_ylabel("top-1 agreement with FP32 (%)")
 ax.set_title("EfficientNet-Lite0 (ONNX) with FlexiQ")
