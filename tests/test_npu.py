@@ -200,11 +200,19 @@ def test_partition_structure(resnet20):
     assert "relax.nn.conv2d" not in host and "relax.matmul" not in host
 
 
-def test_resnet20_npu_equals_llvm_build_and_switches_by_patching(resnet20, tmp_path):
+@pytest.fixture(scope="module")
+def resnet20_llvm(resnet20):
+    model, plan = resnet20
+    _, xs, _ = load_eval_data("resnet20_fmnist", 1)
+    return flexiq_tvm.compile(model, xs[:1], plan=plan, database=None)
+
+
+def test_resnet20_npu_equals_llvm_build_and_switches_by_patching(resnet20, resnet20_llvm,
+                                                                   tmp_path):
     model, plan = resnet20
     _, xs, _ = load_eval_data("resnet20_fmnist", 8)
     cn = flexiq_tvm.compile(model, xs[:1], plan=plan, target="flexiq_npu")
-    cl = flexiq_tvm.compile(model, xs[:1], plan=plan)
+    cl = resnet20_llvm
     assert cn.report.kept_fp32 == [] and len(cn.report.covered) == len(plan.layers)
     cycles = []
     for r in cn.ratios:
@@ -272,7 +280,7 @@ def test_zoo_npu_build_equals_llvm_build(name):
             np.testing.assert_array_equal(cn(xs[i : i + 1], ratio=r), cl(xs[i : i + 1], ratio=r))
 
 
-def test_layers_too_large_for_the_buffer_stay_on_the_host(resnet20):
+def test_layers_too_large_for_the_buffer_stay_on_the_host(resnet20, resnet20_llvm):
     """A small activation buffer: the 16 x 28 x 28 layers run on the CPU's FlexiQ kernels (one
     entry per ratio), the rest on the NPU, and the module still equals the llvm build."""
     model, plan = resnet20
@@ -284,6 +292,6 @@ def test_layers_too_large_for_the_buffer_stay_on_the_host(resnet20):
     # 16-channel inputs are the 28 x 28 ones (12544 codes); the stem's 1 x 28 x 28 fits
     assert on_cpu == {lp.name for lp in plan.layers if lp.in_channels == 16}
     assert len(on_cpu) == 8
-    cl = flexiq_tvm.compile(model, xs[:1], plan=plan, database=None)
+    cl = resnet20_llvm
     for r in (0.0, 0.5, 1.0, 0.0):  # back to 0: the patch and the variant move together
         assert np.array_equal(cn(xs[:1], ratio=r), cl(xs[:1], ratio=r))

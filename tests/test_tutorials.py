@@ -24,7 +24,13 @@ def test_every_tutorial_is_listed():
     assert sorted(p.name for p in TUTORIALS.glob("[0-9]*.py")) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# tutorial 05 tunes (a MetaSchedule builder starts in ~40 s): under `make test-slow`; its local
+# tuning, RPC tuning and database paths run in the default suite through tests/test_tune.py
+SLOW = {"05_autotuning.py"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(EXPECTED)])
 def test_tutorial_runs(name, tmp_path):
     env = {**os.environ, "FLEXIQ_TUTORIAL_FAST": "1", "FLEXIQ_TUTORIAL_OUT": str(tmp_path)}
     res = subprocess.run([sys.executable, name], cwd=TUTORIALS, env=env, capture_output=True,
