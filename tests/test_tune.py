@@ -60,6 +60,20 @@ def _wait_for_servers(port: int, key: str, n: int, timeout_s: float = 60.0) -> N
     raise TimeoutError(f"{n} RPC servers did not register under {key!r}")
 
 
+def test_compile_applies_the_committed_database(resnet20):
+    from flexiq_tvm.tune import default_database
+
+    model, plan = resnet20
+    _, xs, _ = load_eval_data(NAME, 1)
+    if not database_exists(default_database()):
+        pytest.skip("no committed tuning database")
+    cm = flexiq_tvm.compile(model, xs[:1], plan=plan)  # database="auto"
+    assert cm.metadata["database"] == str(default_database())
+    with pytest.raises(ValueError, match="no MetaSchedule database"):
+        flexiq_tvm.compile(model, xs[:1], plan=plan, database="/nonexistent/db")
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: a MetaSchedule builder and two RPC servers start
 def test_tune_through_rpc_tracker_and_apply(resnet20, tmp_path):
     from tvm import rpc
     from tvm.rpc.tracker import Tracker
