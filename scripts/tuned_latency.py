@@ -11,8 +11,7 @@ import numpy as np
 
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
-from flexiq_tvm.eval import load_calibration, load_eval_data
-from flexiq_tvm.quantize import quantize
+from flexiq_tvm.eval import load_eval_data, zoo_plan
 from flexiq_tvm.runtime.module import median_ms
 from flexiq_tvm.tune import database_exists, default_database
 from flexiq_tvm.zoo import registry
@@ -32,7 +31,7 @@ def main() -> None:
     for name in MODELS:
         model = registry.get_model(name)
         cfg = FlexiQConfig(selection="static", calib_images=32)
-        plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+        plan = zoo_plan(name, model, cfg)
         _, x, _ = load_eval_data(name, 1)
         tuned = flexiq_tvm.compile(model, x, plan=plan, database=str(db))
         plain = flexiq_tvm.compile(model, x, plan=plan, database=None)

@@ -9,28 +9,16 @@ import pytest
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
 from flexiq_tvm.api import oracle_mismatches
-from flexiq_tvm.eval import load_calibration, load_eval_data
+from flexiq_tvm.eval import load_eval_data
 from flexiq_tvm.fakequant import FakeQuantModel, predict
-from flexiq_tvm.quantize import quantize
-from flexiq_tvm.zoo import data, registry
+from flexiq_tvm.zoo import data
 
 FMNIST = ["resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist"]
 
 
 @pytest.fixture(scope="module")
-def plans():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = registry.get_model(name)
-            n = 64 if name in FMNIST else 16
-            calib = load_calibration(name, n)
-            cfg = FlexiQConfig(selection="static", calib_images=n)
-            cache[name] = (model, quantize(model, calib, cfg, model_name=name, progress=False))
-        return cache[name]
-
-    return get
+def plans(static_plan):
+    return lambda name: static_plan(name, 64 if name in FMNIST else 16)
 
 
 def _check_model(plans, name, via, n_images, min_agreement=1.0, agreement_ratios=None):

@@ -9,24 +9,19 @@ import pytest
 import torch
 
 import flexiq_tvm
-from flexiq_tvm import FlexiQConfig
 from flexiq_tvm import reference as ref
 from flexiq_tvm.api import oracle_mismatches
-from flexiq_tvm.eval import load_calibration, load_eval_data
+from flexiq_tvm.eval import load_eval_data
 from flexiq_tvm.fakequant import FakeQuantModel, predict
 from flexiq_tvm.finetune import FinetuneConfig, QATModel, finetune, load_finetuned, read_manifest
-from flexiq_tvm.quantize import quantize
 from flexiq_tvm.zoo import data, registry
 
 NAME = "resnet20_fmnist"
 
 
 @pytest.fixture(scope="module")
-def model_plan():
-    model = registry.get_model(NAME)
-    cfg = FlexiQConfig(selection="static", calib_images=32)
-    return model, quantize(model, load_calibration(NAME, 32), cfg, model_name=NAME,
-                           progress=False)
+def model_plan(static_plan):
+    return static_plan(NAME)
 
 
 def test_qat_forward_is_the_fake_quant_model(model_plan):

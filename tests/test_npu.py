@@ -11,12 +11,9 @@ from flexiq_tvm.target import npu
 from flexiq_tvm.target.npu import isa, sim
 
 import flexiq_tvm
-from flexiq_tvm import FlexiQConfig
 from flexiq_tvm import reference as ref
-from flexiq_tvm.eval import load_calibration, load_eval_data
+from flexiq_tvm.eval import load_eval_data
 from flexiq_tvm.plan import LayerPlan
-from flexiq_tvm.quantize import quantize
-from flexiq_tvm.zoo import registry
 
 pytestmark = pytest.mark.npu
 
@@ -163,12 +160,8 @@ def test_dma_bound_layer_follows_bandwidth():
 
 
 @pytest.fixture(scope="module")
-def resnet20():
-    name = "resnet20_fmnist"
-    model = registry.get_model(name)
-    cfg = FlexiQConfig(selection="static", calib_images=32)
-    plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
-    return model, plan
+def resnet20(static_plan):
+    return static_plan("resnet20_fmnist")
 
 
 def test_partition_structure(resnet20):
@@ -236,14 +229,12 @@ def test_resnet20_npu_equals_llvm_build_and_switches_by_patching(resnet20, resne
 
 @pytest.mark.parametrize("name", ["resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist",
                                   "swin_fmnist"])
-def test_zoo_layer_programs_bit_exact_with_oracle(name):
+def test_zoo_layer_programs_bit_exact_with_oracle(name, static_plan):
     """Every covered layer of every FMNIST zoo model, at every ratio, run as its FlexiNPU
     program on the layer's real input: int32 accumulators equal to the oracle's."""
     import torch
 
-    model = registry.get_model(name)
-    cfg = FlexiQConfig(selection="static", calib_images=32)
-    plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+    model, plan = static_plan(name)
     _, x, _ = load_eval_data(name, 2)
     seen = {}
     hooks = [model.get_submodule(lp.name).register_forward_hook(
@@ -266,11 +257,9 @@ def test_zoo_layer_programs_bit_exact_with_oracle(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist"])
-def test_zoo_npu_build_equals_llvm_build(name):
+def test_zoo_npu_build_equals_llvm_build(name, static_plan):
     """The NPU module (programs + host glue) against the llvm module, every ratio."""
-    model = registry.get_model(name)
-    cfg = FlexiQConfig(selection="static", calib_images=32)
-    plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+    model, plan = static_plan(name)
     _, xs, _ = load_eval_data(name, 4)
     cn = flexiq_tvm.compile(model, xs[:1], plan=plan, target="flexiq_npu")
     cl = flexiq_tvm.compile(model, xs[:1], plan=plan, database=None)

@@ -10,21 +10,15 @@ import numpy as np
 import pytest
 
 import flexiq_tvm
-from flexiq_tvm import FlexiQConfig
-from flexiq_tvm.eval import load_calibration, load_eval_data
-from flexiq_tvm.quantize import quantize
+from flexiq_tvm.eval import load_eval_data
 from flexiq_tvm.tune import RPCConfig, database_exists, lowered, tunable_tasks, tune
-from flexiq_tvm.zoo import registry
 
 NAME = "resnet20_fmnist"
 
 
 @pytest.fixture(scope="module")
-def resnet20():
-    model = registry.get_model(NAME)
-    cfg = FlexiQConfig(selection="static", calib_images=32)
-    plan = quantize(model, load_calibration(NAME, 32), cfg, model_name=NAME, progress=False)
-    return model, plan
+def resnet20(static_plan):
+    return static_plan(NAME)
 
 
 def test_tasks_leave_flexiq_kernels_alone(resnet20):

@@ -352,8 +352,7 @@ def bench_npu(models=DEFAULT_MODELS, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), config=
     import flexiq_tvm
 
     from .config import FlexiQConfig
-    from .eval import load_calibration, load_eval_data
-    from .quantize import quantize
+    from .eval import load_eval_data, zoo_plan
     from .target import npu
     from .zoo import registry
 
@@ -365,7 +364,7 @@ def bench_npu(models=DEFAULT_MODELS, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), config=
     for name in models:
         model = registry.get_model(name)
         cfg = FlexiQConfig(selection="static", calib_images=32, ratios=tuple(ratios))
-        plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+        plan = zoo_plan(name, model, cfg)
         _, x, _ = load_eval_data(name, 1)
         cm = flexiq_tvm.compile(model, x, plan=plan, target="flexiq_npu", config=cfg,
                                 npu_config=config)

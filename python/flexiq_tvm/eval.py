@@ -121,6 +121,15 @@ def load_calibration(name: str, n: int, seed: int = 0) -> np.ndarray:
     return x[np.random.default_rng(seed).permutation(len(x))[:n]]
 
 
+def zoo_plan(name: str, model, config, progress: bool = False):
+    """``quantize`` zoo model ``name`` on its own calibration data (``config.calib_images``
+    images, ``config.seed``): the plan every tool and test of a zoo model starts from."""
+    from .quantize import quantize
+
+    calib = load_calibration(name, config.calib_images, config.seed)
+    return quantize(model, calib, config, model_name=name, progress=progress)
+
+
 def _row(method: str, ratio, logits: np.ndarray, y: np.ndarray, fp32: np.ndarray,
          plan=None, extra: dict | None = None) -> dict:
     from .baselines import kl_divergence

@@ -130,8 +130,7 @@ def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = Non
     from tvm.s_tir import meta_schedule as ms
 
     from .config import FlexiQConfig
-    from .eval import load_calibration, load_eval_data
-    from .quantize import quantize
+    from .eval import load_eval_data, zoo_plan
     from .zoo import registry
 
     if trials <= 0:
@@ -141,7 +140,7 @@ def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = Non
     t0 = time.time()
     model = registry.get_model(name)
     cfg = FlexiQConfig(selection=selection, calib_images=32)
-    plan = quantize(model, load_calibration(name, 32), cfg, model_name=name, progress=False)
+    plan = zoo_plan(name, model, cfg)
     _, x, _ = load_eval_data(name, 1)
     mod, target = lowered(model, x, plan, cfg.ratios)
     tasks, skipped = tunable_tasks(mod, target)
