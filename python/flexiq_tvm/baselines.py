@@ -10,8 +10,6 @@ or ``selection="random"``; see :mod:`flexiq_tvm.eval`.)
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,15 +50,10 @@ class UniformQuantLayer(nn.Module):
 def uniform_model(model: nn.Module, plan: QuantPlan, bits: int = 4) -> nn.Module:
     """A copy of ``model`` whose eligible layers run uniform ``bits``-bit fake quantization
     and whose other covered layers run FlexiQ INT8 (the plan at ratio 0)."""
-    from .fakequant import FakeQuantLayer
+    from .fakequant import FakeQuantLayer, replace_layers
 
-    net = copy.deepcopy(model).eval()
-    for lp in plan.layers:
-        parent_name, _, attr = lp.name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        orig = getattr(parent, attr)
-        new = UniformQuantLayer(orig, lp, bits) if lp.eligible else FakeQuantLayer(lp)
-        setattr(parent, attr, new)
+    net, _ = replace_layers(model, plan, lambda orig, lp: UniformQuantLayer(orig, lp, bits)
+                            if lp.eligible else FakeQuantLayer(lp))
     return net
 
 

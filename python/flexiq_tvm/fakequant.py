@@ -100,24 +100,36 @@ class FakeQuantLayer(nn.Module):
         return y
 
 
+def parent_of(net: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(parent module, attribute)`` of the submodule at dotted path ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    return (net.get_submodule(parent_name) if parent_name else net), attr
+
+
+def replace_layers(model: nn.Module, plan: QuantPlan, make) -> tuple[nn.Module, dict]:
+    """An eval-mode copy of ``model`` whose plan layers are ``make(original, layer_plan)``,
+    and those new modules by layer name (the weights must have the plan's shapes)."""
+    net = copy.deepcopy(model).eval()
+    layers = {}
+    for lp in plan.layers:
+        parent, attr = parent_of(net, lp.name)
+        orig = getattr(parent, attr)
+        if tuple(orig.weight.shape) != tuple(lp.weight_shape):
+            raise ValueError(f"layer {lp.name}: model weight {tuple(orig.weight.shape)} "
+                             f"does not match the plan's {lp.weight_shape}")
+        layers[lp.name] = make(orig, lp)
+        setattr(parent, attr, layers[lp.name])
+    return net, layers
+
+
 class FakeQuantModel(nn.Module):
     """A copy of the FP32 model whose covered layers are :class:`FakeQuantLayer` s."""
 
     def __init__(self, model: nn.Module, plan: QuantPlan, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.plan = plan
-        self.net = copy.deepcopy(model).eval()
-        self.layers: dict[str, FakeQuantLayer] = {}
-        for lp in plan.layers:
-            parent_name, _, attr = lp.name.rpartition(".")
-            parent = self.net.get_submodule(parent_name) if parent_name else self.net
-            orig = getattr(parent, attr)
-            if tuple(orig.weight.shape) != tuple(lp.weight_shape):
-                raise ValueError(f"layer {lp.name}: model weight {tuple(orig.weight.shape)} "
-                                 f"does not match the plan's {lp.weight_shape}")
-            fq = FakeQuantLayer(lp, dtype)
-            setattr(parent, attr, fq)
-            self.layers[lp.name] = fq
+        self.net, self.layers = replace_layers(model, plan,
+                                               lambda orig, lp: FakeQuantLayer(lp, dtype))
         self.ratio: float | None = None
         self.set_ratio(plan.ratios[0])
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference as ref
+from .fakequant import parent_of, replace_layers
 from .plan import LayerPlan, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -176,21 +177,8 @@ class QATModel(nn.Module):
     def __init__(self, model: nn.Module, plan: QuantPlan, learn_act_scale: bool = False):
         super().__init__()
         self.plan = plan
-        self.net = copy.deepcopy(model).eval()
-        self.layers: dict[str, QATLayer] = {}
-        for lp in plan.layers:
-            parent, attr = self._parent(lp.name)
-            orig = getattr(parent, attr)
-            if tuple(orig.weight.shape) != tuple(lp.weight_shape):
-                raise ValueError(f"layer {lp.name}: model weight {tuple(orig.weight.shape)} "
-                                 f"does not match the plan's {lp.weight_shape}")
-            qat = QATLayer(orig, lp, learn_act_scale)
-            setattr(parent, attr, qat)
-            self.layers[lp.name] = qat
-
-    def _parent(self, name: str):
-        parent_name, _, attr = name.rpartition(".")
-        return (self.net.get_submodule(parent_name) if parent_name else self.net), attr
+        self.net, self.layers = replace_layers(
+            model, plan, lambda orig, lp: QATLayer(orig, lp, learn_act_scale))
 
     def set_ratio(self, ratio: float) -> None:
         self.plan.check_ratio(ratio)
@@ -205,8 +193,7 @@ class QATModel(nn.Module):
         net = copy.deepcopy(self.net)
         layers = []
         for lp in self.plan.layers:
-            parent_name, _, attr = lp.name.rpartition(".")
-            parent = net.get_submodule(parent_name) if parent_name else net
+            parent, attr = parent_of(net, lp.name)
             qat = getattr(parent, attr)
             setattr(parent, attr, qat.module)
             w = qat.module.weight.detach().float().numpy()
@@ -369,9 +356,8 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
     """
     from .baselines import uniform_model
     from .config import FlexiQConfig
-    from .eval import _row, load_calibration, load_eval_data, top1
+    from .eval import _row, load_eval_data, top1, zoo_plan
     from .fakequant import FakeQuantModel, predict
-    from .quantize import quantize
     from .zoo import data, registry
 
     cfg = config or FinetuneConfig()
@@ -382,9 +368,7 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
     model = registry.get_model(name)
     t0 = time.time()
     if plan is None:
-        qcfg = FlexiQConfig(selection=selection)
-        plan = quantize(model, load_calibration(name, qcfg.calib_images, qcfg.seed), qcfg,
-                        model_name=name, progress=progress)
+        plan = zoo_plan(name, model, FlexiQConfig(selection=selection), progress)
     t_plan = time.time() - t0
     xtr, ytr = data.load_fmnist("train")
     if cfg.train_images is not None:
