@@ -58,9 +58,9 @@ class CompiledModule(FlexiQModule):
 
     def __init__(self, executable, ratios, input_shape, report: CompileReport, plan: QuantPlan,
                  device=None, expose_layers: bool = False, layers=None,
-                 metadata: dict | None = None) -> None:
+                 metadata: dict | None = None, exportable=None) -> None:
         super().__init__(executable, ratios, input_shape, "float32", device=device,
-                         metadata=metadata)
+                         metadata=metadata, exportable=exportable)
         self.report = report
         self.plan = plan
         self.expose_layers = expose_layers
@@ -185,13 +185,17 @@ def compile(model, example_input, calib_data=None, target="llvm",
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
     meta = {"target": tgt.export() if hasattr(tgt, "export") else str(tgt), "database": db,
-            "model": plan.model, "via": via,
-            "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),
-                     "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
-                     "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}},
+            "model": plan.model, "via": via, "plan": _plan_summary(plan, ratios),
             "report": report.as_dict()}
     return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
                           layers=qpass.layers, metadata=json_safe(meta))
+
+
+def _plan_summary(plan: QuantPlan, ratios) -> dict:
+    """What a module's metadata says of its plan."""
+    return {"layers": len(plan.layers), "selection": plan.config.get("selection"),
+            "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
+            "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}}
 
 
 def _database(database):
@@ -235,14 +239,11 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
     int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in on_npu)
     report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
     meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
-            "plan": {"layers": len(plan.layers), "selection": plan.config.get("selection"),
-                     "mac_fraction": {f"{r:g}": plan.mac_fraction(r) for r in ratios},
-                     "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}},
+            "plan": _plan_summary(plan, ratios),
             "ratio_switch": {"entry": info["entry"], "function": info["set_ratio"]},
             "npu": info, "report": report.as_dict()}
-    cm = CompiledModule(lib, ratios, x.shape, report, plan, metadata=json_safe(meta))
-    cm.exportable = ex
-    return cm
+    return CompiledModule(lib, ratios, x.shape, report, plan, metadata=json_safe(meta),
+                          exportable=ex)
 
 
 def json_safe(obj):

@@ -15,6 +15,11 @@ def _models() -> list[str]:
     return list(MODELS)
 
 
+def _fmnist_models() -> list[str]:
+    """The zoo models trained here (finetuning, compile and load tests take only these)."""
+    return [m for m in _models() if "fmnist" in m]
+
+
 def _write_json(doc: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +134,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     if args.target == "flexiq_npu":
-        models = tuple(args.models.split(",")) if args.models else tuple(
-            m for m in _models() if "fmnist" in m)
+        models = tuple(args.models.split(",")) if args.models else tuple(_fmnist_models())
         for m in models:
             if m not in _models():
                 raise ValueError(f"unknown model {m!r}; choose from {_models()}")
@@ -316,7 +320,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     t = sub.add_parser("train", help="train a Fashion-MNIST zoo model (seeded) and commit it",
                        description="Train a zoo model with its fixed recipe; writes the "
                        "checkpoint and its manifest entry (sha256, accuracy, command).")
-    t.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    t.add_argument("--model", required=True, choices=_fmnist_models())
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -360,7 +364,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                        description="Quantize (or load --plan), compile one module with a "
                        "function per ratio, print the compile report and, per ratio, top-1 and "
                        "batch-1 latency from real runs.")
-    c.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    c.add_argument("--model", required=True, choices=_fmnist_models())
     c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")
     c.add_argument("--finetuned", action="store_true",
                    help="compile the committed finetuned model and plan (`flexiq-tvm finetune`)")
@@ -419,7 +423,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     lt.add_argument("--duration", type=float, default=30.0, help="seconds per configuration")
     lt.add_argument("--artifact", help="serve this artifact (its metadata gives accuracy)")
     lt.add_argument("--model", default="resnet20_fmnist",
-                    choices=[m for m in _models() if "fmnist" in m],
+                    choices=_fmnist_models(),
                     help="else compile this zoo model (default resnet20_fmnist)")
     lt.add_argument("--selection", default="static",
                     choices=("static", "greedy", "evolutionary"))
@@ -435,7 +439,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                        "(straight-through estimator, one ratio sampled per step, distillation "
                        "from FP32; nested channel sets fixed), commit the finetuned checkpoint "
                        "and plan, and print PTQ vs finetuned top-1 at every ratio.")
-    f.add_argument("--model", required=True, choices=[m for m in _models() if "fmnist" in m])
+    f.add_argument("--model", required=True, choices=_fmnist_models())
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     f.add_argument("--plan", metavar="PATH", help="start from this QuantPlan instead of "
                    "post-training selection")

@@ -19,6 +19,7 @@ machine model come from :func:`codegen_context` (``flexiq_tvm.compile`` sets it)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -101,8 +102,6 @@ def _layer_from_function(func, state: CodegenState) -> tuple[str, bytes, dict]:
 
 
 def _with_padding(lp, padding):
-    import dataclasses
-
     return lp if tuple(lp.padding) == padding else dataclasses.replace(lp, padding=padding)
 
 

@@ -54,13 +54,18 @@ class FlexiQModule:
         What the module was compiled for; calls with anything else raise before running.
     metadata
         Free-form facts kept with the module (profile, accuracy, plan summary, target, ...).
+    exportable
+        What :meth:`export` writes when ``executable`` is a library jitted from it (default:
+        ``executable`` itself).
     """
 
     def __init__(self, executable, ratios, input_shape, input_dtype: str = "float32",
-                 device=None, metadata: dict | None = None) -> None:
+                 device=None, metadata: dict | None = None, exportable=None) -> None:
         import tvm
 
         self.executable = executable
+        # what export writes: the executable itself, or the one a jitted library came from
+        self.exportable = executable if exportable is None else exportable
         self.device = device or tvm.cpu()
         self._ratios = tuple(float(r) for r in ratios)
         if not self._ratios:
@@ -74,6 +79,8 @@ class FlexiQModule:
         self._device_lock = threading.Lock()
         self._loaded_ratio = None
         self._vm()  # fail early if an entry function is missing
+        self._switch_fn = (self.library_function(self._switch["function"]) if self._switch
+                           else None)
         if self._switch:
             self.set_ratio(self.ratio)
 
@@ -104,14 +111,6 @@ class FlexiQModule:
         if self._loaded_ratio != r:
             self._switch_fn(self._ratios.index(r))
             self._loaded_ratio = r
-
-    @property
-    def _switch_fn(self):
-        fn = getattr(self, "_switch_cached", None)
-        if fn is None:
-            fn = self.library_function(self._switch["function"])
-            self._switch_cached = fn
-        return fn
 
     def library_function(self, name: str):
         """A function of the compiled library (or of a module it imports), by name."""
@@ -185,7 +184,5 @@ class FlexiQModule:
             meta.get("profile_ms") or self.profile())
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
-        # a module that ran from a jitted library exports the executable it came from
-        lib = getattr(self, "exportable", self.executable)
-        return export(lib, path, ratios=self._ratios, input_shape=self.input_shape,
+        return export(self.exportable, path, ratios=self._ratios, input_shape=self.input_shape,
                       input_dtype=self.input_dtype, metadata=meta, key=key)
