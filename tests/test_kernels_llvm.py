@@ -34,6 +34,9 @@ CASES = [  # n, c, h, w, o, kh, kw, stride, dil, layout, signed
     (1, 33, 1, 50, 70, 1, 1, (1, 1), (1, 1), "PO", True),  # a linear layer: 50 rows
     (1, 300, 4, 4, 16, 1, 1, (1, 1), (1, 1), "OP", False),  # a run longer than one flush
     (1, 1, 30, 30, 16, 3, 3, (1, 1), (1, 1), "OP", False),  # one input channel, no 4-bit
+    # the batch shares the parallel tasks' tiles: a task's tiles span images
+    (3, 6, 7, 7, 20, 3, 3, (1, 1), (1, 1), "OP", False),
+    (2, 9, 1, 13, 20, 1, 1, (1, 1), (1, 1), "PO", True),
 ]
 
 

@@ -8,6 +8,15 @@ torch emulation of a plan), the integer oracle :mod:`flexiq_tvm.reference`, the 
 :mod:`flexiq_tvm.frontend` and the model zoo :mod:`flexiq_tvm.zoo`.
 """
 
+import os
+
+# TVM's CPU thread pool defaults to half the logical CPUs (it assumes two hardware threads per
+# core), so a 2-vCPU machine runs every parallel kernel on one core. Use them all unless the
+# user chose (TVM reads this when a thread's pool is created, i.e. on its first parallel call).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))
+                                             if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
+
 from .api import CompiledModule, CompileReport, compile
 from .config import FlexiQConfig
 from .plan import LayerPlan, QuantPlan

@@ -151,7 +151,11 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows):
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
     xshape = (w, c) if rows else (n, c, h, w)
-    wv = w // 8 * 8  # interior columns done 8 at a time
+    # interior columns in vectors of vl lanes: a whole row when it is short (a row of 7 or 14
+    # would otherwise be mostly scalar remainder), else the width in 8..16 that leaves the
+    # shortest scalar remainder
+    vl = w if w <= 16 else min(range(8, 17), key=lambda v: (w % v, -v))
+    wv = w // vl * vl
 
     def xval(x, b, ci, iy, ix):
         return x[ix, ci] if rows else x[b, ci, iy, ix]
@@ -181,36 +185,40 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows):
                         q4[by // hp, by % hp, ix, si] = T.uint8(off)
                     for ix, si in T.grid(pr, slots):
                         q4[by // hp, by % hp, pl + w + ix, si] = T.uint8(off)
-                    for ci in range(cpad):
-                        for xo in range(wv // 8):
-                            for xi in T.vectorized(8):
-                                q8[by // hp, by % hp, pl + xo * 8 + xi, ci] = T.Cast(
-                                    "int16", T.if_then_else(ci >= n_low and ci < c, _code8(
+                    # only the active block's channels are computed: the rest hold the code
+                    # of 0 (the 8-bit buffer below n_low, the inactive 4-bit slots)
+                    for ci in range(n_low):
+                        for ix in range(w):
+                            q8[by // hp, by % hp, pl + ix, ci] = T.int16(0)
+                    for ci in range(n_low, cpad):
+                        for xo in range(wv // vl):
+                            for xi in T.vectorized(vl):
+                                q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
+                                    "int16", T.if_then_else(ci < c, _code8(
                                         xval(x, by // hp, T.min(ci, c - 1), by % hp - pt,
-                                             xo * 8 + xi), inv, lo, hi), 0))
+                                             xo * vl + xi), inv, lo, hi), 0))
                         for xr in range(w - wv):
                             q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
-                                "int16", T.if_then_else(ci >= n_low and ci < c, _code8(
+                                "int16", T.if_then_else(ci < c, _code8(
                                     xval(x, by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr),
                                     inv, lo, hi), 0))
                     for si in range(slots):
-                        for xo in range(wv // 8):
-                            for xi in T.vectorized(8):
-                                q4[by // hp, by % hp, pl + xo * 8 + xi, si] = T.Cast(
-                                    "uint8", T.if_then_else(
-                                        slot_chan[si] >= 0 and slot_chan[si] < n_low,
-                                        off + _extract(_code8(xval(
-                                            x, by // hp, T.max(slot_chan[si], 0), by % hp - pt,
-                                            xo * 8 + xi), inv, lo, hi),
-                                            sa[T.max(slot_chan[si], 0)], lo4, hi4), off))
-                        for xr in range(w - wv):
-                            q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
-                                "uint8", T.if_then_else(
-                                    slot_chan[si] >= 0 and slot_chan[si] < n_low,
-                                    off + _extract(_code8(xval(
-                                        x, by // hp, T.max(slot_chan[si], 0), by % hp - pt,
-                                        wv + xr), inv, lo, hi),
-                                        sa[T.max(slot_chan[si], 0)], lo4, hi4), off))
+                        if slot_chan[si] >= 0 and slot_chan[si] < n_low:
+                            for xo in range(wv // vl):
+                                for xi in T.vectorized(vl):
+                                    q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
+                                        "uint8", off + _extract(_code8(xval(
+                                            x, by // hp, slot_chan[si], by % hp - pt,
+                                            xo * vl + xi), inv, lo, hi),
+                                            sa[slot_chan[si]], lo4, hi4))
+                            for xr in range(w - wv):
+                                q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
+                                    "uint8", off + _extract(_code8(xval(
+                                        x, by // hp, slot_chan[si], by % hp - pt, wv + xr),
+                                        inv, lo, hi), sa[slot_chan[si]], lo4, hi4))
+                        else:
+                            for ix in range(w):
+                                q4[by // hp, by % hp, pl + ix, si] = T.uint8(off)
 
     return quantize
 
@@ -294,8 +302,9 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
     p_real = oh * ow
     ppad = _round_up(p_real, TP)
     nob, npb = opad // TO, ppad // TP
-    ppc = gemm_chunks(nob, npb)
-    nchunk = -(-npb // ppc)
+    ntile = n * npb  # register tiles over the whole batch (a tile never spans two images)
+    ppc = gemm_chunks(nob, ntile)
+    nchunk = -(-ntile // ppc)
     out_shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
 
     @T.prim_func(private=True, s_tir=True)
@@ -311,99 +320,103 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
         with T.sblock("root"):
             q8f = T.decl_buffer((n * hp * wp * cpad,), "int16", data=q8.data)
             q4f = T.decl_buffer((n * hp * wp * slots,), "uint8", data=q4.data)
-            for b in range(n):
-                for t in T.parallel(nob * nchunk):
-                    # decl_buffer, not alloc_buffer: TVM would compact an alloc_buffer to the
-                    # region it sees accessed, and the n_low-dependent loop bounds make that
-                    # region (and the re-indexing) wrong
-                    panel8 = T.decl_buffer((kk * ch, 2 * TO), "int16")
-                    panel4 = T.decl_buffer((kk * nq, 4 * TO), "int8")
-                    # weight panels: plain widening copies, independent of n_low (the
-                    # activation buffers hold the code of 0 wherever a channel belongs to the
-                    # other block, so its weight there never counts)
-                    for r, cp in T.grid(kk, ch):
-                        for j in T.vectorized(2 * TO):
-                            panel8[r * ch + cp, j] = T.Cast(
-                                "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
-                    for r, qd in T.grid(kk, nq):
-                        for j in T.vectorized(2 * TO):
-                            panel4[r * nq + qd, j] = T.Cast("int8", T.bitwise_xor(T.bitwise_and(
-                                T.Cast("int32", w4[r * nq + qd, t // nchunk, j]), 15), 8) - 8)
-                        for j in T.vectorized(2 * TO):
-                            panel4[r * nq + qd, j + 2 * TO] = T.Cast("int8", T.bitwise_xor(
-                                T.shift_right(T.Cast("int32", w4[r * nq + qd, t // nchunk, j]),
-                                              4), 8) - 8)
-                    for pt in range(ppc):
-                        if (t % nchunk) * ppc + pt < npb:
-                            # the register tile: small "global"-scope buffers become stack
-                            # allocas that LLVM promotes to registers ("local" scope goes
-                            # through the workspace allocator in TVM 0.27); declared here, in
-                            # the tile's scope, so StorageRewrite cannot fold them into a panel
-                            accl = T.decl_buffer((TP, TO), "int32")
-                            acc16 = T.decl_buffer((TP, 2 * TO), "int16")
-                            pix = T.decl_buffer((TP,), "int32")
-                            for pi in T.unroll(TP):
-                                pix[pi] = (b * hp + T.min(((t % nchunk) * ppc + pt) * TP + pi,
-                                                          p_real - 1) // ow * sh) * wp + T.min(
-                                    ((t % nchunk) * ppc + pt) * TP + pi, p_real - 1) % ow * sw
-                                for hh in T.unroll(2):
-                                    for oi in T.vectorized(8):
-                                        accl[pi, hh * 8 + oi] = 0 - corr[
-                                            (t // nchunk) * TO + hh * 8 + oi]
-                            for ry, rx in T.grid(kh, kw):
-                                for cp in range(n_low // 2, ch):
-                                    for pi in T.unroll(TP):
-                                        for hh in T.unroll(2):
-                                            accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
-                                                pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
-                                                    q8f, (pix[pi] + ry * dh * wp + rx * dw) * cpad
-                                                    + 2 * cp, 2, "int16x16"),
-                                                    panel8[(ry * kw + rx) * ch + cp,
-                                                           T.ramp(hh * 16, 1, 16)])
-                            # 4-bit phase in two halves of TP/2 positions: 6 int16 accumulators
-                            # + 2 weight vectors + 1 broadcast fit the 16 vector registers
-                            for g in range(ng):
-                                for hv in T.unroll(2):
-                                    for pi in T.unroll(TH):
-                                        for hh in T.unroll(2):
-                                            for oi in T.vectorized(TO):
-                                                acc16[hv * TH + pi, hh * TO + oi] = T.int16(0)
-                                    for ry, rx in T.grid(kh, kw):
-                                        for qd in range(chunks[g, 1]):
-                                            for pi in T.unroll(TH):
-                                                for hh in T.unroll(2):
-                                                    acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] = \
-                                                        acc16[hv * TH + pi,
-                                                              T.ramp(hh * 16, 1, 16)] \
-                                                        + _pmaddubs(_splat(q4f, (
-                                                            pix[hv * TH + pi] + ry * dh * wp
-                                                            + rx * dw) * slots
-                                                            + (chunks[g, 0] + qd) * 4, 4,
-                                                            "uint8x32"),
-                                                            panel4[(ry * kw + rx) * nq
-                                                                   + chunks[g, 0] + qd,
-                                                                   T.ramp(hh * 32, 1, 32)])
-                                    for pi in T.unroll(TH):
-                                        for hh in T.unroll(2):
-                                            accl[hv * TH + pi, T.ramp(hh * 8, 1, 8)] = accl[
-                                                hv * TH + pi, T.ramp(hh * 8, 1, 8)] + _pmadd(
-                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)],
-                                                T.broadcast(T.Cast("int16", T.shift_left(
-                                                    1, chunks[g, 2])), 16))
-                            # constant accumulator indices only (unrolled), so LLVM keeps
-                            # the tile in registers
-                            if layout == "OP":
-                                for oi in T.unroll(TO):
-                                    for pi in T.unroll(TP):
-                                        acc[b, (t // nchunk) * TO + oi,
-                                            ((t % nchunk) * ppc + pt) * TP + pi] = accl[pi, oi]
-                            else:
+            for t in T.parallel(nob * nchunk):
+                # decl_buffer, not alloc_buffer: TVM would compact an alloc_buffer to the
+                # region it sees accessed, and the n_low-dependent loop bounds make that
+                # region (and the re-indexing) wrong
+                panel8 = T.decl_buffer((ch * kk, 2 * TO), "int16")
+                panel4 = T.decl_buffer((nq * kk, 4 * TO), "int8")
+                off4 = T.decl_buffer((nq * kk,), "int32")
+                # weight panels, channel-major (row = channel pair / quad * taps + tap): the
+                # rows a ratio reads are then one contiguous range per block / chunk, walked
+                # by one flat loop; off8 / off4 give each row's activation offset from its
+                # pixel. Plain widening copies, independent of n_low (the activation buffers
+                # hold the code of 0 wherever a channel belongs to the other block, so its
+                # weight there never counts)
+                for r, cp in T.grid(kk, ch):
+                    for j in T.vectorized(2 * TO):
+                        panel8[r * ch + cp, j] = T.Cast(
+                            "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
+                for qd, r in T.grid(nq, kk):
+                    off4[qd * kk + r] = ((r // kw) * dh * wp + (r % kw) * dw) * slots + 4 * qd
+                    for j in T.vectorized(2 * TO):
+                        panel4[qd * kk + r, j] = T.Cast("int8", T.bitwise_xor(T.bitwise_and(
+                            T.Cast("int32", w4[r * nq + qd, t // nchunk, j]), 15), 8) - 8)
+                    for j in T.vectorized(2 * TO):
+                        panel4[qd * kk + r, j + 2 * TO] = T.Cast("int8", T.bitwise_xor(
+                            T.shift_right(T.Cast("int32", w4[r * nq + qd, t // nchunk, j]),
+                                          4), 8) - 8)
+                for pt in range(ppc):
+                    if (t % nchunk) * ppc + pt < ntile:
+                        # the register tile: small "global"-scope buffers become stack
+                        # allocas that LLVM promotes to registers ("local" scope goes
+                        # through the workspace allocator in TVM 0.27); declared here, in
+                        # the tile's scope, so StorageRewrite cannot fold them into a panel
+                        accl = T.decl_buffer((TP, TO), "int32")
+                        acc16 = T.decl_buffer((TP, 2 * TO), "int16")
+                        pix8 = T.decl_buffer((TP,), "int32")
+                        pix4 = T.decl_buffer((TP,), "int32")
+                        for pi in T.unroll(TP):
+                            pix8[pi] = ((((t % nchunk) * ppc + pt) // npb * hp + T.min(
+                                (((t % nchunk) * ppc + pt) % npb) * TP + pi, p_real - 1) // ow
+                                * sh) * wp + T.min((((t % nchunk) * ppc + pt) % npb) * TP + pi,
+                                                   p_real - 1) % ow * sw) * cpad
+                            pix4[pi] = pix8[pi] // cpad * slots
+                            for hh in T.unroll(2):
+                                for oi in T.vectorized(8):
+                                    accl[pi, hh * 8 + oi] = 0 - corr[
+                                        (t // nchunk) * TO + hh * 8 + oi]
+                        for ry, rx in T.grid(kh, kw):
+                            for cp in range(n_low // 2, ch):
                                 for pi in T.unroll(TP):
                                     for hh in T.unroll(2):
-                                        for oi in T.vectorized(8):
-                                            acc[b, ((t % nchunk) * ppc + pt) * TP + pi,
-                                                (t // nchunk) * TO + hh * 8 + oi] = accl[
-                                                pi, hh * 8 + oi]
+                                        accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                            pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
+                                                q8f, pix8[pi] + (ry * dh * wp + rx * dw) * cpad
+                                                + 2 * cp, 2, "int16x16"),
+                                                panel8[(ry * kw + rx) * ch + cp,
+                                                       T.ramp(hh * 16, 1, 16)])
+                        # 4-bit phase in two halves of TP/2 positions: 6 int16 accumulators
+                        # + 2 weight vectors + 1 broadcast fit the 16 vector registers
+                        for g in range(ng):
+                            for hv in T.unroll(2):
+                                for pi in T.unroll(TH):
+                                    for hh in T.unroll(2):
+                                        for oi in T.vectorized(TO):
+                                            acc16[hv * TH + pi, hh * TO + oi] = T.int16(0)
+                                for j in range(chunks[g, 1] * kk):
+                                    for pi in T.unroll(TH):
+                                        for hh in T.unroll(2):
+                                            acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] = \
+                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] \
+                                                + _pmaddubs(_splat(
+                                                    q4f, pix4[hv * TH + pi]
+                                                    + off4[chunks[g, 0] * kk + j], 4,
+                                                    "uint8x32"),
+                                                    panel4[chunks[g, 0] * kk + j,
+                                                           T.ramp(hh * 32, 1, 32)])
+                                for pi in T.unroll(TH):
+                                    for hh in T.unroll(2):
+                                        accl[hv * TH + pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                            hv * TH + pi, T.ramp(hh * 8, 1, 8)] + _pmadd(
+                                            acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)],
+                                            T.broadcast(T.Cast("int16", T.shift_left(
+                                                1, chunks[g, 2])), 16))
+                        # constant accumulator indices only (unrolled), so LLVM keeps
+                        # the tile in registers
+                        if layout == "OP":
+                            for oi in T.unroll(TO):
+                                for pi in T.unroll(TP):
+                                    acc[((t % nchunk) * ppc + pt) // npb, (t // nchunk) * TO + oi,
+                                        (((t % nchunk) * ppc + pt) % npb) * TP + pi] = accl[pi, oi]
+                        else:
+                            for pi in T.unroll(TP):
+                                for hh in T.unroll(2):
+                                    for oi in T.vectorized(8):
+                                        acc[((t % nchunk) * ppc + pt) // npb,
+                                            (((t % nchunk) * ppc + pt) % npb) * TP + pi,
+                                            (t // nchunk) * TO + hh * 8 + oi] = accl[
+                                            pi, hh * 8 + oi]
 
     return mixed_gemm
 
