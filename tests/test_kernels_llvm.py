@@ -10,6 +10,7 @@ from flexiq_tvm.schedules.llvm import KERNELS
 from flexiq_tvm.schedules.llvm.mixed import gemm_chunks
 
 from flexiq_tvm import frontend
+from flexiq_tvm.hostcpu import avx_vnni
 from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 
 TO, TP = KERNELS["gemm_tiles"]
@@ -40,9 +41,13 @@ CASES = [  # n, c, h, w, o, kh, kw, stride, dil, layout, signed
 ]
 
 
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
 @pytest.mark.parametrize("case", CASES)
-def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case):
+def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
+    if vnni and not avx_vnni():
+        pytest.skip("this CPU has no AVX-VNNI")
 
     n, c, hp, wp, o, kh, kw, stride, dil, layout, signed = case
     rng = np.random.default_rng(c * 100 + o)
@@ -57,7 +62,7 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case):
     w8 = rng.integers(-127, 128, size=(kh, kw, c, o))
     w4 = rng.integers(-8, 8, size=(kh, kw, c, o))
     lib = _build(KERNELS["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(), kh, kw,
-                                       stride, dil, oh, ow, opad, layout))
+                                       stride, dil, oh, ow, opad, layout, vnni=vnni))
     a8 = np.zeros((kh, kw, cpad, opad), np.int8)
     a8[:, :, :c, :o] = w8
     w8t = tvm.runtime.tensor(interleave_pairs(a8.reshape(-1, opad)))

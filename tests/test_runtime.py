@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import struct
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def _flip(p):
     ("other_tvm", "built with TVM"),
     ("not_an_artifact", "not a FlexiQ artifact"),
     ("bad_header", "corrupt header"),
+    ("cpu_lacks_features", "CPU features this machine lacks"),
 ])
 def test_bad_artifacts_are_refused_before_loading(compiled, signed, tmp_path, case, match,
                                                   monkeypatch):
@@ -132,6 +134,17 @@ def test_bad_artifacts_are_refused_before_loading(compiled, signed, tmp_path, ca
         raw = bytearray(signed.read_bytes())
         raw[16] = ord("#")  # the header's opening brace: no longer JSON
         dst.write_bytes(bytes(raw))
+    elif case == "cpu_lacks_features":  # built with AVX-VNNI kernels, loaded on a CPU without
+        from flexiq_tvm import hostcpu
+
+        def vnni_target(h):
+            t = h["metadata"]["target"]
+            t = dict(json.loads(t) if isinstance(t, str) else t)
+            t["mattr"] = [a for a in t.get("mattr", []) if a != "+avxvnni"] + ["+avxvnni"]
+            h["metadata"]["target"] = t
+
+        _rewrite(signed, dst, mutate_header=vnni_target, resign=True, key=KEY)
+        monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(ArtifactError, match=match):
         flexiq_tvm.load(dst, key=key)
     assert loaded == []  # no code of a refused artifact was loaded
@@ -175,3 +188,20 @@ def test_per_call_ratio_leaves_the_module_ratio_alone(compiled):
         cm(xs[:1], ratio=0.25)
     prof = cm.profile(xs[:1], repeat=3, warmup=1)
     assert set(prof) == {"0", "0.5", "1"} and all(v > 0 for v in prof.values())
+
+
+def test_missing_cpu_features_are_read_from_the_target(monkeypatch):
+    from flexiq_tvm import hostcpu
+
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    t = {"kind": "llvm", "mattr": ["-fma", "+avxvnni"]}
+    assert hostcpu.missing_features(t) == ["avxvnni"]
+    assert hostcpu.missing_features(json.dumps(t)) == ["avxvnni"]
+    assert hostcpu.missing_features({"kind": "llvm", "mattr": ["-fma"]}) == []
+    assert hostcpu.missing_features("flexiq_npu") == [] and hostcpu.missing_features(None) == []
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert hostcpu.missing_features(t) == []
+    monkeypatch.setenv("FLEXIQ_AVXVNNI", "0")
+    assert not hostcpu.avx_vnni()
+    monkeypatch.setenv("FLEXIQ_AVXVNNI", "1")
+    assert hostcpu.avx_vnni() == (platform.machine() in ("x86_64", "AMD64"))

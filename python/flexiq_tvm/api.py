@@ -184,7 +184,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
                                  "reason": "plan layer not found in the graph"})
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
-    meta = {"target": tgt.export() if hasattr(tgt, "export") else str(tgt), "database": db,
+    meta = {"target": _target_json(tgt), "database": db,
             "model": plan.model, "via": via, "plan": _plan_summary(plan, ratios),
             "report": report.as_dict()}
     return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
@@ -238,12 +238,27 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
                                      "reason": "plan layer not found in the graph"})
     int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in on_npu)
     report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
+    import tvm
+
+    from . import frontend
+
     meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
+            "host_target": _target_json(tvm.target.Target(frontend.default_llvm_target())),
             "plan": _plan_summary(plan, ratios),
             "ratio_switch": {"entry": info["entry"], "function": info["set_ratio"]},
             "npu": info, "report": report.as_dict()}
     return CompiledModule(lib, ratios, x.shape, report, plan, metadata=json_safe(meta),
                           exportable=ex)
+
+
+def _target_json(tgt) -> dict | str:
+    """A TVM target as a JSON object (its ``str`` is JSON in TVM 0.27; kept as text if not)."""
+    import json
+
+    try:
+        return json.loads(str(tgt))
+    except ValueError:
+        return str(tgt)
 
 
 def json_safe(obj):

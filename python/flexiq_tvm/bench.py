@@ -41,19 +41,20 @@ PEERS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "tvm-fp32")
 
 def machine() -> dict:
     """CPU model, cores and the SIMD features the kernels care about."""
+    from .hostcpu import avx_vnni, cpu_flags
+
     info = {"platform": platform.platform(), "cores": os.cpu_count()}
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["simd"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw",
-                                                  "avx512_vnni", "avx_vnni") if f in flags)
                 break
     except OSError:
         pass
+    flags = cpu_flags()
+    info["simd"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                      "avx_vnni") if f in flags)
+    info["kernels"] = "avx-vnni" if avx_vnni() else "avx2"
     return info
 
 

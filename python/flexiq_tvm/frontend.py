@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .hostcpu import avx_vnni
+
 log = logging.getLogger(__name__)
 
 VIA = ("torch.export", "onnx")
@@ -273,7 +275,8 @@ def default_llvm_target() -> dict:
     multiply-add, which rounds once where numpy and torch round twice. The quantizer's
     ``x * inv + 0.5`` and the FP32 glue must round like the integer oracle and the fake-quant
     model, so every multiply and add is rounded separately. (On AVX-512 CPUs this also drops
-    AVX-512F, which depends on FMA; the FlexiQ kernels use AVX2.)
+    AVX-512F, which depends on FMA; the FlexiQ kernels use AVX2.) Where the CPU has AVX-VNNI
+    (:func:`avx_vnni`), ``+avxvnni`` is added: the kernels then use its ymm dot products.
     """
     import platform
 
@@ -283,7 +286,11 @@ def default_llvm_target() -> dict:
 
         target["mtriple"] = "x86_64-pc-linux-gnu"
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        target["mattr"] = ["-fma"]
+        target["mattr"] = ["-fma"] + (["+avxvnni"] if avx_vnni() else [])
+        # LLVM's SLP vectoriser packs the kernels' per-position address arithmetic into vector
+        # registers (extracting each address again), competing with the dot products for the
+        # vector ports; every vector loop here is vectorised explicitly in TIR
+        target["cl-opt"] = ["-vectorize-slp=false"]
     return target
 
 

@@ -262,6 +262,20 @@ def _pmaddubs(a, b):
                                    a, b, dtype="int16x16")
 
 
+def _dpwssd(acc, a, b):
+    """AVX-VNNI ``vpdpwssd``: ``acc`` (int32x8) plus the sums of 16 int16 pair products
+    (exact: ``vpmaddwd`` and the add in one instruction)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.256"),
+                                   acc, a, b, dtype="int32x8")
+
+
+def _dpbusd(acc, a, b):
+    """AVX-VNNI ``vpdpbusd``: ``acc`` (int32x8) plus per lane the sum of 4 (u8 x s8) products
+    (exact, no saturation)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                                   acc, a, b, dtype="int32x8")
+
+
 def gemm_chunks(nob: int, npb: int, tasks: int = 8) -> int:
     """Position tiles per parallel task: at least ``tasks`` tasks where the work allows, and
     as few as possible (each task widens its 16-output weight panels once)."""
@@ -269,7 +283,8 @@ def gemm_chunks(nob: int, npb: int, tasks: int = 8) -> int:
     return -(-npb // nchunk)
 
 
-def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad, layout):
+def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad, layout,
+               vnni: bool | None = None):
     """Implicit-GEMM conv (a linear layer is the 1x1 case) over the codes of
     :func:`quantize_nhwc` -> acc i32 ``[n,opad,ppad]`` ("OP") or ``[n,ppad,opad]`` ("PO"),
     ``ppad = round_up(oh*ow, TP)`` (padding positions repeat the last one).
@@ -290,7 +305,17 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
     A channel of one block holds the code of 0 in the other block's activation buffer, so the
     weight panels need no masking: each parallel task widens one 16-output panel of each block
     once, then runs register tiles of ``TP`` positions x 16 outputs.
+
+    ``vnni`` (default: :func:`flexiq_tvm.hostcpu.avx_vnni`, the build target must then have
+    ``+avxvnni``): the 8-bit block on ``vpdpwssd`` (the multiply and the add in one
+    instruction), the 4-bit block on ``vpdpbusd`` into int32 chunk sums, which are shifted and
+    added at the flush. The 4-bit block still does twice the MACs per instruction: 8-bit codes
+    span [-127, 255] and need int16 lanes.
     """
+    if vnni is None:
+        from flexiq_tvm.hostcpu import avx_vnni
+
+        vnni = avx_vnni()
     if opad % TO or cpad % 2 or slots % 4:
         raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (even), "
                          f"slots={slots} (x4)")
@@ -354,6 +379,7 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                         # the tile's scope, so StorageRewrite cannot fold them into a panel
                         accl = T.decl_buffer((TP, TO), "int32")
                         acc16 = T.decl_buffer((TP, 2 * TO), "int16")
+                        acc32 = T.decl_buffer((TP, TO), "int32")
                         pix8 = T.decl_buffer((TP,), "int32")
                         pix4 = T.decl_buffer((TP,), "int32")
                         for pi in T.unroll(TP):
@@ -370,38 +396,68 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                             for cp in range(n_low // 2, ch):
                                 for pi in T.unroll(TP):
                                     for hh in T.unroll(2):
-                                        accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
-                                            pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
-                                                q8f, pix8[pi] + (ry * dh * wp + rx * dw) * cpad
-                                                + 2 * cp, 2, "int16x16"),
+                                        if vnni:
+                                            accl[pi, T.ramp(hh * 8, 1, 8)] = _dpwssd(
+                                                accl[pi, T.ramp(hh * 8, 1, 8)], _splat(
+                                                    q8f, pix8[pi] + (ry * dh * wp + rx * dw)
+                                                    * cpad + 2 * cp, 2, "int16x16"),
                                                 panel8[(ry * kw + rx) * ch + cp,
                                                        T.ramp(hh * 16, 1, 16)])
-                        # 4-bit phase in two halves of TP/2 positions: 6 int16 accumulators
-                        # + 2 weight vectors + 1 broadcast fit the 16 vector registers
+                                        else:
+                                            accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                                pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
+                                                    q8f, pix8[pi] + (ry * dh * wp + rx * dw)
+                                                    * cpad + 2 * cp, 2, "int16x16"),
+                                                panel8[(ry * kw + rx) * ch + cp,
+                                                       T.ramp(hh * 16, 1, 16)])
+                        # 4-bit phase; without VNNI in two halves of TP/2 positions: 6 int16
+                        # accumulators + 2 weight vectors + 1 broadcast fit the 16 registers
                         for g in range(ng):
-                            for hv in T.unroll(2):
-                                for pi in T.unroll(TH):
-                                    for hh in T.unroll(2):
-                                        for oi in T.vectorized(TO):
-                                            acc16[hv * TH + pi, hh * TO + oi] = T.int16(0)
+                            if vnni:
+                                # int32 sums: the whole tile at once (12 accumulators + 2
+                                # weight vectors + 1 broadcast; the int32 tile waits in memory)
+                                for pi in T.unroll(TP):
+                                    for oi in T.vectorized(TO):
+                                        acc32[pi, oi] = 0
                                 for j in range(chunks[g, 1] * kk):
+                                    for pi in T.unroll(TP):
+                                        for hh in T.unroll(2):
+                                            acc32[pi, T.ramp(hh * 8, 1, 8)] = _dpbusd(
+                                                acc32[pi, T.ramp(hh * 8, 1, 8)], _splat(
+                                                    q4f, pix4[pi] + off4[chunks[g, 0] * kk + j],
+                                                    4, "uint8x32"),
+                                                panel4[chunks[g, 0] * kk + j,
+                                                       T.ramp(hh * 32, 1, 32)])
+                                for pi in T.unroll(TP):
+                                    for hh in T.unroll(2):
+                                        accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                            pi, T.ramp(hh * 8, 1, 8)] + T.shift_left(
+                                                acc32[pi, T.ramp(hh * 8, 1, 8)],
+                                                T.broadcast(chunks[g, 2], 8))
+                            else:
+                                for hv in T.unroll(2):
                                     for pi in T.unroll(TH):
                                         for hh in T.unroll(2):
-                                            acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] = \
-                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] \
-                                                + _pmaddubs(_splat(
-                                                    q4f, pix4[hv * TH + pi]
-                                                    + off4[chunks[g, 0] * kk + j], 4,
-                                                    "uint8x32"),
-                                                    panel4[chunks[g, 0] * kk + j,
-                                                           T.ramp(hh * 32, 1, 32)])
-                                for pi in T.unroll(TH):
-                                    for hh in T.unroll(2):
-                                        accl[hv * TH + pi, T.ramp(hh * 8, 1, 8)] = accl[
-                                            hv * TH + pi, T.ramp(hh * 8, 1, 8)] + _pmadd(
-                                            acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)],
-                                            T.broadcast(T.Cast("int16", T.shift_left(
-                                                1, chunks[g, 2])), 16))
+                                            for oi in T.vectorized(TO):
+                                                acc16[hv * TH + pi, hh * TO + oi] = T.int16(0)
+                                    for j in range(chunks[g, 1] * kk):
+                                        for pi in T.unroll(TH):
+                                            for hh in T.unroll(2):
+                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)] = \
+                                                    acc16[hv * TH + pi,
+                                                          T.ramp(hh * 16, 1, 16)] + _pmaddubs(
+                                                        _splat(q4f, pix4[hv * TH + pi]
+                                                               + off4[chunks[g, 0] * kk + j],
+                                                               4, "uint8x32"),
+                                                        panel4[chunks[g, 0] * kk + j,
+                                                               T.ramp(hh * 32, 1, 32)])
+                                    for pi in T.unroll(TH):
+                                        for hh in T.unroll(2):
+                                            accl[hv * TH + pi, T.ramp(hh * 8, 1, 8)] = accl[
+                                                hv * TH + pi, T.ramp(hh * 8, 1, 8)] + _pmadd(
+                                                acc16[hv * TH + pi, T.ramp(hh * 16, 1, 16)],
+                                                T.broadcast(T.Cast("int16", T.shift_left(
+                                                    1, chunks[g, 2])), 16))
                         # constant accumulator indices only (unrolled), so LLVM keeps
                         # the tile in registers
                         if layout == "OP":

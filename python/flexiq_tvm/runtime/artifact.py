@@ -28,6 +28,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from ..hostcpu import missing_features
+
 MAGIC = b"FLEXIQA\x01"
 FORMAT = 1
 _HEADER_MAX = 16 * 2**20
@@ -119,6 +121,12 @@ def read_verified(path, key=None) -> tuple[dict, bytes]:
     if header.get("tvm") != mine["tvm"]:
         raise ArtifactError(f"{path}: built with TVM {header.get('tvm')}, this runtime has "
                             f"TVM {mine['tvm']}: recompile")
+    meta = header.get("metadata", {})
+    lacking = missing_features(meta.get("target")) + missing_features(meta.get("host_target"))
+    if lacking:
+        raise ArtifactError(f"{path}: compiled for CPU features this machine lacks "
+                            f"({', '.join(lacking)}): recompile here, or on the build machine "
+                            "with FLEXIQ_AVXVNNI=0")
     return header, payload
 
 
