@@ -225,3 +225,33 @@ def test_mixed_grouped_conv_matches_numpy(n, c, h, w, groups, o, k, stride, dil)
                                 rx * dil : rx * dil + stride * (ow - 1) + 1 : stride]
                         want[:, oc] += win.astype(np.int64) * wt[ry, rx]
         np.testing.assert_array_equal(acc.numpy(), want, err_msg=f"n_low={n_low}")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_rows_codes_at_every_boundary(signed):
+    """A linear layer's rows: vectorised along channels / slots, odd widths included."""
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+
+    m, k, kpad = 13, 19, 20
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    inv, sa = 30.0, rng.integers(0, 5, size=k).astype(np.int32)
+    low = LowLayout(rng.integers(3, 9, size=k), k - 2, taps=1)
+    lib = _build(KERNELS["quantize_rows"](m, k, kpad, low.slots, inv, signed))
+    lo, hi, lo4, hi4, off = (-127, 127, -8, 7, 8) if signed else (0, 255, 0, 15, 0)
+    code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int32)
+    half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)
+    a4 = np.clip((code + half) >> sa, lo4, hi4)
+    for n_low in (0, 1, 8, k - 2):
+        q8 = tvm.runtime.empty((1, 1, m, kpad), "int16")
+        q4 = tvm.runtime.empty((1, 1, m, low.slots), "uint8")
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa),
+                    tvm.runtime.tensor(low.slot_chan), n_low, q8, q4)
+        want8 = np.zeros((m, kpad), np.int64)
+        want8[:, n_low:k] = code[:, n_low:]
+        np.testing.assert_array_equal(q8.numpy()[0, 0], want8, err_msg=f"n_low={n_low}")
+        want4 = np.full((m, low.slots), off, np.int64)
+        for si, ci in enumerate(low.slot_chan):
+            if 0 <= ci < n_low:
+                want4[:, si] = a4[:, ci] + off
+        np.testing.assert_array_equal(q4.numpy()[0, 0], want4, err_msg=f"n_low={n_low}")

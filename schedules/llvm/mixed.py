@@ -21,6 +21,7 @@ the design is explained in docs/kernels.md:
 from __future__ import annotations
 
 import numpy as np
+from tvm import tirx
 from tvm.script import tirx as T
 
 TO = 16  # output-channel tile (two AVX2 int32 vectors)
@@ -129,8 +130,55 @@ class LowLayout:
 
 def quantize_rows(m, k, kpad, slots, inv, signed):
     """x f32[m,k] -> (q8 i16[1,1,m,kpad], q4 u8[1,1,m,slots]): a linear layer is a 1x1 conv
-    over its ``m`` rows (see :func:`quantize_nhwc`)."""
-    return _quantizer(1, k, 1, m, (0, 0, 0, 0), kpad, slots, inv, signed, rows=True)
+    over its ``m`` rows, with the codes of :func:`quantize_nhwc`.
+
+    The rows are already channels-last, so this is elementwise: parallel over rows, the 8-bit
+    codes vectorised along the channels (contiguous loads and stores), the 4-bit ones along
+    the slots (a gather through ``slot_chan``). A block with no active channel at this
+    ``n_low`` is only filled with the code of 0."""
+    lo, hi, lo4, hi4 = _act_bounds(signed)
+    off = 8 if signed else 0
+    kv, sv = kpad // 8 * 8, slots // 8 * 8
+
+    def c8(x, r, ci, n_low):
+        return T.Cast("int16", T.if_then_else(tirx.all(ci >= n_low, ci < k), _code8(
+            x[r, T.min(ci, k - 1)], inv, lo, hi), 0))
+
+    def c4(x, sa, slot_chan, r, si, n_low):
+        return T.Cast("uint8", T.if_then_else(
+            tirx.all(slot_chan[si] >= 0, slot_chan[si] < n_low),
+            off + _extract(_code8(x[r, T.max(slot_chan[si], 0)], inv, lo, hi),
+                           sa[T.max(slot_chan[si], 0)], lo4, hi4), off))
+
+    @T.prim_func(private=True, s_tir=True)
+    def quantize(x: T.Buffer((m, k), "float32"), sa: T.Buffer((k,), "int32"),
+                 slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
+                 q8: T.Buffer((1, 1, m, kpad), "int16"),
+                 q4: T.Buffer((1, 1, m, slots), "uint8")):
+        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            for r in T.parallel(m):
+                if n_low < k:
+                    for co in range(kv // 8):
+                        for ci in T.vectorized(8):
+                            q8[0, 0, r, co * 8 + ci] = c8(x, r, co * 8 + ci, n_low)
+                    for ci in range(kpad - kv):
+                        q8[0, 0, r, kv + ci] = c8(x, r, kv + ci, n_low)
+                else:
+                    for ci in range(kpad):
+                        q8[0, 0, r, ci] = T.int16(0)
+                if n_low > 0:
+                    for so in range(sv // 8):
+                        for si in T.vectorized(8):
+                            q4[0, 0, r, so * 8 + si] = c4(x, sa, slot_chan, r, so * 8 + si,
+                                                          n_low)
+                    for si in range(slots - sv):
+                        q4[0, 0, r, sv + si] = c4(x, sa, slot_chan, r, sv + si, n_low)
+                else:
+                    for si in range(slots):
+                        q4[0, 0, r, si] = T.uint8(off)
+
+    return quantize
 
 
 def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed):
@@ -142,15 +190,15 @@ def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed):
       ``+8`` for signed activations (``vpmaddubsw`` wants unsigned bytes); every other slot
       and the border hold the code of 0.
     """
-    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows=False)
+    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed)
 
 
-def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows):
+def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
-    xshape = (w, c) if rows else (n, c, h, w)
+    xshape = (n, c, h, w)
     # interior columns in vectors of vl lanes: a whole row when it is short (a row of 7 or 14
     # would otherwise be mostly scalar remainder), else the width in 8..16 that leaves the
     # shortest scalar remainder
@@ -158,7 +206,7 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, rows):
     wv = w // vl * vl
 
     def xval(x, b, ci, iy, ix):
-        return x[ix, ci] if rows else x[b, ci, iy, ix]
+        return x[b, ci, iy, ix]
 
     # per interior row: every channel's codes computed 8 columns at a time (vectorised float
     # math), stored channels-last; the 8-bit buffer holds 0 for 4-bit channels and the 4-bit
