@@ -56,8 +56,11 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
     cpad, opad, kk = _rup(c, 2), _rup(o, TO), kh * kw
     ppad = _rup(oh * ow, TP)
     n_max = c - 1
-    # total shifts in no particular order (the slots regroup them), or one long run
-    st = rng.integers(0, 9, size=c) if c < 100 else np.zeros(c, np.int64)
+    # activation and weight shifts in no particular order (the slots regroup their sums), or
+    # one long run
+    sa = rng.integers(0, 5, size=c) if c < 100 else np.zeros(c, np.int64)
+    sw = rng.integers(0, 5, size=c) if c < 100 else np.zeros(c, np.int64)
+    st = sa + sw
     low = LowLayout(st, n_max, kk)
     w8 = rng.integers(-127, 128, size=(kh, kw, c, o))
     w4 = rng.integers(-8, 8, size=(kh, kw, c, o))
@@ -68,7 +71,7 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
     w8t = tvm.runtime.tensor(interleave_pairs(a8.reshape(-1, opad)))
     w4taps = w4.reshape(kk, c, o)
     w4t = tvm.runtime.tensor(low.pack(w4taps, opad))
-    slot_t = tvm.runtime.tensor(low.slot_chan)
+    slot_t = tvm.runtime.tensor(low.slot_shift(sw))
     off = 8 if signed else 0
     for n_low in sorted({v for v in (0, 1, 2, c // 2, c // 2 + 1, n_max - 1, n_max)
                          if 0 <= v <= n_max}):
@@ -77,10 +80,13 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
                                         size=(n, hp, wp, c - n_low))
         a4 = rng.integers(-8 if signed else 0, 8 if signed else 16, size=(n, hp, wp, c))
         a4[..., n_low:] = 0
+        # the quantizer's bytes: the code (+8 if signed), the code of 0 in inactive slots; on
+        # the VNNI path shifted by the channel's activation shift
         q4 = np.full((n, hp, wp, low.slots), off, np.uint8)
         for si, ci in enumerate(low.slot_chan):
-            if 0 <= ci < n_low:
-                q4[..., si] = a4[..., ci] + off
+            if ci >= 0:
+                u = a4[..., ci] + off if ci < n_low else np.full(a4.shape[:3], off)
+                q4[..., si] = u << sa[ci] if vnni else u
         x = q8[..., :c].astype(np.int64) + (a4 << st)  # 4-bit channels on the INT8 scale
         w = np.where(np.arange(c)[:, None] < n_low, w4, w8)  # [kh, kw, c, o]
         want = np.zeros((n, oh, ow, o), np.int64)
@@ -127,15 +133,17 @@ def test_gemm_chunks_give_each_task_whole_tiles():
     assert gemm_chunks(3, 1) == 1
 
 
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_quantize_nhwc_layout_codes_and_padding(signed):
+def test_quantize_nhwc_layout_codes_and_padding(signed, vnni):
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
 
     n, c, h, w, pad, cpad = 1, 3, 4, 5, (1, 0, 2, 1), 4
     x = np.random.default_rng(2).normal(size=(n, c, h, w)).astype(np.float32)
     inv, sa = 40.0, np.array([1, 2, 0], np.int32)
     low = LowLayout(np.array([3, 5, 0]), 2, taps=1)  # channels 0, 1 (shifts 3, 5) in 4-bit
-    lib = _build(KERNELS["quantize_nhwc"](n, c, h, w, pad, cpad, low.slots, inv, signed))
+    lib = _build(KERNELS["quantize_nhwc"](n, c, h, w, pad, cpad, low.slots, inv, signed,
+                                          vnni=vnni))
     q8 = tvm.runtime.empty((n, h + 1, w + 3, cpad), "int16")
     q4 = tvm.runtime.empty((n, h + 1, w + 3, low.slots), "uint8")
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa), tvm.runtime.tensor(low.slot_chan),
@@ -147,12 +155,15 @@ def test_quantize_nhwc_layout_codes_and_padding(signed):
     g8, g4 = q8.numpy(), q4.numpy()
     np.testing.assert_array_equal(g8[:, 1:, 2:7, 2], code[:, 2])
     assert not g8[..., :2].any() and not g8[..., 3:].any()  # 4-bit channels, channel pad
+    # on the VNNI path every byte of a channel's slot (code, code of 0, border) is shifted by
+    # the channel's activation shift
+    pre = np.array([sa[ci] if vnni and ci >= 0 else 0 for ci in low.slot_chan])
     for si, ci in enumerate(low.slot_chan):
         want = a4[:, ci] + off if ci >= 0 else np.full((n, h, w), off)
-        np.testing.assert_array_equal(g4[:, 1:, 2:7, si], want)
+        np.testing.assert_array_equal(g4[:, 1:, 2:7, si], want << pre[si])
     border = np.ones(g4.shape[1:3], bool)
     border[1:, 2:7] = False
-    assert (g4[:, border] == off).all() and not g8[:, border].any()
+    assert (g4[:, border] == off << pre).all() and not g8[:, border].any()
 
 
 def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
@@ -227,8 +238,9 @@ def test_mixed_grouped_conv_matches_numpy(n, c, h, w, groups, o, k, stride, dil)
         np.testing.assert_array_equal(acc.numpy(), want, err_msg=f"n_low={n_low}")
 
 
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_quantize_rows_codes_at_every_boundary(signed):
+def test_quantize_rows_codes_at_every_boundary(signed, vnni):
     """A linear layer's rows: vectorised along channels / slots, odd widths included."""
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
 
@@ -237,7 +249,7 @@ def test_quantize_rows_codes_at_every_boundary(signed):
     x = rng.normal(size=(m, k)).astype(np.float32)
     inv, sa = 30.0, rng.integers(0, 5, size=k).astype(np.int32)
     low = LowLayout(rng.integers(3, 9, size=k), k - 2, taps=1)
-    lib = _build(KERNELS["quantize_rows"](m, k, kpad, low.slots, inv, signed))
+    lib = _build(KERNELS["quantize_rows"](m, k, kpad, low.slots, inv, signed, vnni=vnni))
     lo, hi, lo4, hi4, off = (-127, 127, -8, 7, 8) if signed else (0, 255, 0, 15, 0)
     code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int32)
     half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)
@@ -254,4 +266,6 @@ def test_quantize_rows_codes_at_every_boundary(signed):
         for si, ci in enumerate(low.slot_chan):
             if 0 <= ci < n_low:
                 want4[:, si] = a4[:, ci] + off
+            if vnni and ci >= 0:
+                want4[:, si] <<= sa[ci]
         np.testing.assert_array_equal(q4.numpy()[0, 0], want4, err_msg=f"n_low={n_low}")

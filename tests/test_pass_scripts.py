@@ -384,6 +384,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
     assert low.slot_chan.tolist() == [0, 1, -1, -1]
     w4 = np.clip(WL, -8, 7).astype(np.int32)[None]  # [taps, K, O]
     W4, SLOTS = low.pack(w4, 16), low.slot_chan
+    WSH = low.slot_shift(np.zeros(4, np.int32))  # the GEMM's per-slot weight shifts
     SA = np.zeros(4, np.int32)
     MULT = np.full(6, 1 / 16, np.float32)
     T000, T050 = np.zeros((1, 3), np.int32), np.array([[0, 1, 0]], np.int32)
@@ -416,7 +417,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
                                         R.Tensor((1, 1, 3, 4), "uint8")])
                 q8 = qq[0]
                 q4 = qq[1]
-                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(SLOTS),
+                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(WSH),
                                                R.const(T000), R.prim_value(T.int32(0)),
                                                R.const(C000), R.prim_value(T.int32(0))),
                                  out_ty=R.Tensor((1, 6, 16), "int32"))
@@ -436,7 +437,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
                                         R.Tensor((1, 1, 3, 4), "uint8")])
                 q8 = qq[0]
                 q4 = qq[1]
-                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(SLOTS),
+                acc = R.call_tir(cls.fc_gemm, (q8, q4, R.const(W8), R.const(W4), R.const(WSH),
                                                R.const(T050), R.prim_value(T.int32(1)),
                                                R.const(C050), R.prim_value(T.int32(2))),
                                  out_ty=R.Tensor((1, 6, 16), "int32"))

@@ -251,7 +251,7 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
             rng.integers(-127, 128, (kk * cpad, opad)).astype(np.int8)))
         w4 = tvm.runtime.tensor(low.pack(rng.integers(-8, 8, (kk, c, o)), opad))
         acc = tvm.runtime.empty((1, opad, rup(oh * ow, TP)), "int32")
-        slot = tvm.runtime.tensor(low.slot_chan)
+        slot = tvm.runtime.tensor(low.slot_shift(rng.integers(0, 5, size=c)))
         corr = tvm.runtime.tensor(np.zeros(opad, np.int32))
         timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
         for r in ratios:

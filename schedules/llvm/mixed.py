@@ -111,6 +111,14 @@ class LowLayout:
         nib = (e.reshape(taps * self.slots // 4, opad // TO, 4 * TO) & 15).astype(np.uint8)
         return nib[:, :, : 2 * TO] | (nib[:, :, 2 * TO :] << 4)
 
+    def slot_shift(self, shift: np.ndarray) -> np.ndarray:
+        """int32 ``[S]``: ``shift[c]`` of each slot's channel (0 for a pad slot): the weight
+        shifts that :func:`mixed_gemm`'s VNNI path applies to the 4-bit weights."""
+        out = np.zeros(self.slots, np.int32)
+        ok = self.slot_chan >= 0
+        out[ok] = np.asarray(shift, np.int64)[self.slot_chan[ok]]
+        return out
+
     def correction(self, w4codes: np.ndarray, shift: np.ndarray, n_low: int,
                    opad: int) -> np.ndarray:
         """int32 ``[opad]``: ``8 * sum w4[tap, c, o] << shift[c]`` over every channel ``c`` whose
@@ -128,7 +136,7 @@ class LowLayout:
         return out.astype(np.int32)
 
 
-def quantize_rows(m, k, kpad, slots, inv, signed):
+def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
     """x f32[m,k] -> (q8 i16[1,1,m,kpad], q4 u8[1,1,m,slots]): a linear layer is a 1x1 conv
     over its ``m`` rows, with the codes of :func:`quantize_nhwc`.
 
@@ -139,16 +147,19 @@ def quantize_rows(m, k, kpad, slots, inv, signed):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
     kv, sv = kpad // 8 * 8, slots // 8 * 8
+    vnni = _vnni(vnni)
 
     def c8(x, r, ci, n_low):
         return T.Cast("int16", T.if_then_else(tirx.all(ci >= n_low, ci < k), _code8(
             x[r, T.min(ci, k - 1)], inv, lo, hi), 0))
 
     def c4(x, sa, slot_chan, r, si, n_low):
-        return T.Cast("uint8", T.if_then_else(
+        return T.if_then_else(
             tirx.all(slot_chan[si] >= 0, slot_chan[si] < n_low),
-            off + _extract(_code8(x[r, T.max(slot_chan[si], 0)], inv, lo, hi),
-                           sa[T.max(slot_chan[si], 0)], lo4, hi4), off))
+            T.Cast("uint8", _pre4(off + _extract(_code8(x[r, T.max(slot_chan[si], 0)], inv, lo,
+                                                        hi), sa[T.max(slot_chan[si], 0)], lo4,
+                                                 hi4), sa[T.max(slot_chan[si], 0)], vnni)),
+            _fill4(off, sa, slot_chan, si, vnni))
 
     @T.prim_func(private=True, s_tir=True)
     def quantize(x: T.Buffer((m, k), "float32"), sa: T.Buffer((k,), "int32"),
@@ -176,12 +187,12 @@ def quantize_rows(m, k, kpad, slots, inv, signed):
                         q4[0, 0, r, sv + si] = c4(x, sa, slot_chan, r, sv + si, n_low)
                 else:
                     for si in range(slots):
-                        q4[0, 0, r, si] = T.uint8(off)
+                        q4[0, 0, r, si] = _fill4(off, sa, slot_chan, si, vnni)
 
     return quantize
 
 
-def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed):
+def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, vnni: bool | None = None):
     """x f32[n,c,h,w] -> channels-last, zero-bordered codes for :func:`mixed_gemm`:
 
     * ``q8`` i16 ``[n, hp, wp, cpad]``: the 8-bit code of channels ``>= n_low`` (0 below);
@@ -190,10 +201,10 @@ def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed):
       ``+8`` for signed activations (``vpmaddubsw`` wants unsigned bytes); every other slot
       and the border hold the code of 0.
     """
-    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed)
+    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, _vnni(vnni))
 
 
-def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed):
+def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
     pt, pb, pl, pr = pad
@@ -223,16 +234,17 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed):
                     for ix, ci in T.grid(wp, cpad):
                         q8[by // hp, by % hp, ix, ci] = T.int16(0)
                     for ix, si in T.grid(wp, slots):
-                        q4[by // hp, by % hp, ix, si] = T.uint8(off)
+                        q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
                 else:
                     for ix, ci in T.grid(pl, cpad):
                         q8[by // hp, by % hp, ix, ci] = T.int16(0)
                     for ix, ci in T.grid(pr, cpad):
                         q8[by // hp, by % hp, pl + w + ix, ci] = T.int16(0)
                     for ix, si in T.grid(pl, slots):
-                        q4[by // hp, by % hp, ix, si] = T.uint8(off)
+                        q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
                     for ix, si in T.grid(pr, slots):
-                        q4[by // hp, by % hp, pl + w + ix, si] = T.uint8(off)
+                        q4[by // hp, by % hp, pl + w + ix, si] = _fill4(off, sa, slot_chan, si,
+                                                                        vnni)
                     # only the active block's channels are computed: the rest hold the code
                     # of 0 (the 8-bit buffer below n_low, the inactive 4-bit slots)
                     for ci in range(n_low):
@@ -255,20 +267,47 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed):
                             for xo in range(wv // vl):
                                 for xi in T.vectorized(vl):
                                     q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
-                                        "uint8", off + _extract(_code8(xval(
+                                        "uint8", _pre4(off + _extract(_code8(xval(
                                             x, by // hp, slot_chan[si], by % hp - pt,
                                             xo * vl + xi), inv, lo, hi),
-                                            sa[slot_chan[si]], lo4, hi4))
+                                            sa[slot_chan[si]], lo4, hi4),
+                                            sa[slot_chan[si]], vnni))
                             for xr in range(w - wv):
                                 q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
-                                    "uint8", off + _extract(_code8(xval(
+                                    "uint8", _pre4(off + _extract(_code8(xval(
                                         x, by // hp, slot_chan[si], by % hp - pt, wv + xr),
-                                        inv, lo, hi), sa[slot_chan[si]], lo4, hi4))
+                                        inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
+                                        sa[slot_chan[si]], vnni))
                         else:
                             for ix in range(w):
-                                q4[by // hp, by % hp, pl + ix, si] = T.uint8(off)
+                                q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
+                                                                            si, vnni)
 
     return quantize
+
+
+def _vnni(vnni: bool | None) -> bool:
+    """The kernels' AVX-VNNI switch (``None``: :func:`flexiq_tvm.hostcpu.avx_vnni`)."""
+    if vnni is None:
+        from flexiq_tvm.hostcpu import avx_vnni
+
+        return avx_vnni()
+    return bool(vnni)
+
+
+def _pre4(u, s, vnni):
+    """A 4-bit activation byte: ``u`` (the code, +8 if signed); on the VNNI path shifted left by
+    its channel's activation shift ``s`` (at most 15 << 4 = 240: still a byte)."""
+    return T.shift_left(u, s) if vnni else u
+
+
+def _fill4(off, sa, slot_chan, si, vnni):
+    """The byte of slot ``si`` where its channel is inactive, and on the border: the code of 0
+    (``off``), pre-shifted like an active code on the VNNI path (a pad slot keeps ``off``)."""
+    if vnni and off:
+        return T.Cast("uint8", T.shift_left(off, T.if_then_else(
+            slot_chan[si] >= 0, sa[T.max(slot_chan[si], 0)], 0)))
+    return T.uint8(off)
 
 
 def _code8(v, inv, lo, hi):
@@ -360,10 +399,7 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
     added at the flush. The 4-bit block still does twice the MACs per instruction: 8-bit codes
     span [-127, 255] and need int16 lanes.
     """
-    if vnni is None:
-        from flexiq_tvm.hostcpu import avx_vnni
-
-        vnni = avx_vnni()
+    vnni = _vnni(vnni)
     if opad % TO or cpad % 2 or slots % 4:
         raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (even), "
                          f"slots={slots} (x4)")
@@ -385,7 +421,7 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                    q4: T.Buffer((n, hp, wp, slots), "uint8"),
                    w8: T.Buffer((kk * ch, 2 * opad), "int8"),
                    w4: T.Buffer((kk * nq, nob, 2 * TO), "uint8"),
-                   slot_chan: T.Buffer((slots,), "int32"),
+                   slot_wshift: T.Buffer((slots,), "int32"),
                    chunks: T.Buffer((ngmax, 3), "int32"), ng: T.int32,
                    corr: T.Buffer((opad,), "int32"), n_low: T.int32,
                    acc: T.Buffer(out_shape, "int32")):
@@ -399,7 +435,7 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                 # region (and the re-indexing) wrong
                 panel8 = T.decl_buffer((ch * kk, 2 * TO), "int16")
                 panel4 = T.decl_buffer((nq * kk, 4 * TO), "int8")
-                off4 = T.decl_buffer((nq * kk,), "int32")
+                off4 = T.decl_buffer((nq * kk,), "int64")
                 # weight panels, channel-major (row = channel pair / quad * taps + tap): the
                 # rows a ratio reads are then one contiguous range per block / chunk, walked
                 # by one flat loop; off8 / off4 give each row's activation offset from its
@@ -411,14 +447,21 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                         panel8[r * ch + cp, j] = T.Cast(
                             "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
                 for qd, r in T.grid(nq, kk):
-                    off4[qd * kk + r] = ((r // kw) * dh * wp + (r % kw) * dw) * slots + 4 * qd
+                    off4[qd * kk + r] = T.Cast(
+                        "int64", ((r // kw) * dh * wp + (r % kw) * dw) * slots + 4 * qd)
+                    # byte j of a quad row is slot j % 4 of output j // 4; on the VNNI path
+                    # each weight is shifted by its channel's weight shift (-8 << 4 = -128:
+                    # still a byte), so that with the activations' own shift the products
+                    # come out on the INT8 scale and need no flush
                     for j in T.vectorized(2 * TO):
-                        panel4[qd * kk + r, j] = T.Cast("int8", T.bitwise_xor(T.bitwise_and(
-                            T.Cast("int32", w4[r * nq + qd, t // nchunk, j]), 15), 8) - 8)
+                        panel4[qd * kk + r, j] = T.Cast("int8", T.shift_left(T.bitwise_xor(
+                            T.bitwise_and(T.Cast("int32", w4[r * nq + qd, t // nchunk, j]), 15),
+                            8) - 8, slot_wshift[qd * 4 + j % 4] if vnni else 0))
                     for j in T.vectorized(2 * TO):
-                        panel4[qd * kk + r, j + 2 * TO] = T.Cast("int8", T.bitwise_xor(
-                            T.shift_right(T.Cast("int32", w4[r * nq + qd, t // nchunk, j]),
-                                          4), 8) - 8)
+                        panel4[qd * kk + r, j + 2 * TO] = T.Cast("int8", T.shift_left(
+                            T.bitwise_xor(T.shift_right(T.Cast(
+                                "int32", w4[r * nq + qd, t // nchunk, j]), 4), 8) - 8,
+                            slot_wshift[qd * 4 + j % 4] if vnni else 0))
                 for pt in range(ppc):
                     if (t % nchunk) * ppc + pt < ntile:
                         # the register tile: small "global"-scope buffers become stack
@@ -427,15 +470,14 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                         # the tile's scope, so StorageRewrite cannot fold them into a panel
                         accl = T.decl_buffer((TP, TO), "int32")
                         acc16 = T.decl_buffer((TP, 2 * TO), "int16")
-                        acc32 = T.decl_buffer((TP, TO), "int32")
                         pix8 = T.decl_buffer((TP,), "int32")
-                        pix4 = T.decl_buffer((TP,), "int32")
+                        pix4 = T.decl_buffer((TP,), "int64")
                         for pi in T.unroll(TP):
                             pix8[pi] = ((((t % nchunk) * ppc + pt) // npb * hp + T.min(
                                 (((t % nchunk) * ppc + pt) % npb) * TP + pi, p_real - 1) // ow
                                 * sh) * wp + T.min((((t % nchunk) * ppc + pt) % npb) * TP + pi,
                                                    p_real - 1) % ow * sw) * cpad
-                            pix4[pi] = pix8[pi] // cpad * slots
+                            pix4[pi] = T.Cast("int64", pix8[pi] // cpad * slots)
                             for hh in T.unroll(2):
                                 for oi in T.vectorized(8):
                                     accl[pi, hh * 8 + oi] = 0 - corr[
@@ -462,26 +504,17 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                         # accumulators + 2 weight vectors + 1 broadcast fit the 16 registers
                         for g in range(ng):
                             if vnni:
-                                # int32 sums: the whole tile at once (12 accumulators + 2
-                                # weight vectors + 1 broadcast; the int32 tile waits in memory)
-                                for pi in T.unroll(TP):
-                                    for oi in T.vectorized(TO):
-                                        acc32[pi, oi] = 0
+                                # pre-shifted operands: straight into the int32 tile, whole
+                                # tiles, no flush (the chunk's shift is already applied)
                                 for j in range(chunks[g, 1] * kk):
                                     for pi in T.unroll(TP):
                                         for hh in T.unroll(2):
-                                            acc32[pi, T.ramp(hh * 8, 1, 8)] = _dpbusd(
-                                                acc32[pi, T.ramp(hh * 8, 1, 8)], _splat(
+                                            accl[pi, T.ramp(hh * 8, 1, 8)] = _dpbusd(
+                                                accl[pi, T.ramp(hh * 8, 1, 8)], _splat(
                                                     q4f, pix4[pi] + off4[chunks[g, 0] * kk + j],
                                                     4, "uint8x32"),
                                                 panel4[chunks[g, 0] * kk + j,
                                                        T.ramp(hh * 32, 1, 32)])
-                                for pi in T.unroll(TP):
-                                    for hh in T.unroll(2):
-                                        accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
-                                            pi, T.ramp(hh * 8, 1, 8)] + T.shift_left(
-                                                acc32[pi, T.ramp(hh * 8, 1, 8)],
-                                                T.broadcast(chunks[g, 2], 8))
                             else:
                                 for hv in T.unroll(2):
                                     for pi in T.unroll(TH):

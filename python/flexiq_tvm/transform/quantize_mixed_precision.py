@@ -227,6 +227,7 @@ class QuantizeMixedPrecision:
         layer.w4taps = w4codes.reshape(o, c, kk).transpose(2, 1, 0)
         consts["w4"] = relax.const(low.pack(layer.w4taps, opad), "uint8")
         consts["slot_chan"] = relax.const(low.slot_chan, "int32")
+        consts["slot_wshift"] = relax.const(low.slot_shift(layer.sw), "int32")
         layer.w_bytes = dict(int8=int(o * c * kk),
                              int4_packed=int(consts["w4"].value.numpy().size) if layer.n_max
                              else 0)
@@ -271,7 +272,7 @@ class QuantizeMixedPrecision:
         shape = ((geo["n"], geo["opad"], geo["ppad"]) if kind == g.CONV
                  else (1, geo["ppad"], geo["opad"]))
         acc = bb.emit(relax.call_tir(
-            gvs["gemm"], (q8, q4, consts["w8"], consts["w4"], consts["slot_chan"], chunks,
+            gvs["gemm"], (q8, q4, consts["w8"], consts["w4"], consts["slot_wshift"], chunks,
                           tvm.tirx.IntImm("int32", ng), corr, nl),
             relax.TensorType(shape, "int32")))
         return relax.call_tir(gvs["deq"], (acc, consts["mult"]),
