@@ -9,9 +9,12 @@ the design is explained in docs/kernels.md:
   (two float32 roundings: the target has FMA contraction off) into a channels-last int16
   buffer, and the 4-bit codes ``clip((q + 2**(sa-1)) >> sa)`` of the active low channels into
   a uint8 buffer in :class:`LowLayout` slot order; each buffer holds the code of 0 where a
-  channel belongs to the other block.
-* ``mixed_gemm``: implicit-GEMM conv / linear; the 8-bit block on ``vpmaddwd``, the 4-bit
-  block on ``vpmaddubsw`` with int16 chunks flushed by ``vpmaddwd`` times ``2**shift``.
+  channel belongs to the other block. On the AVX-VNNI path the 4-bit bytes are stored
+  shifted left by ``sa``.
+* ``mixed_gemm``: implicit-GEMM conv / linear. AVX2: the 8-bit block on ``vpmaddwd``, the
+  4-bit block on ``vpmaddubsw`` with int16 chunks flushed by ``vpmaddwd`` times
+  ``2**shift``. AVX-VNNI (``vnni``, default: this CPU's): ``vpdpwssd``, and ``vpdpbusd`` on
+  pre-shifted operands straight into the int32 tile.
 * ``quantize_padded`` + ``mixed_grouped_conv``: grouped/depthwise conv on NCHW codes (4-bit
   codes pre-shifted by ``sa + sw``); a channel is 4-bit when its rank in the plan's priority
   order is below ``n_low``, so no contiguous block is needed.
@@ -198,8 +201,9 @@ def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, vnni: bool | None =
     * ``q8`` i16 ``[n, hp, wp, cpad]``: the 8-bit code of channels ``>= n_low`` (0 below);
     * ``q4`` u8 ``[n, hp, wp, slots]``: per slot (:class:`LowLayout`) the 4-bit code
       ``clip((q + 2**(sa-1)) >> sa)`` of its channel when that is below ``n_low``, stored
-      ``+8`` for signed activations (``vpmaddubsw`` wants unsigned bytes); every other slot
-      and the border hold the code of 0.
+      ``+8`` for signed activations (``vpmaddubsw`` / ``vpdpbusd`` want unsigned bytes); every
+      other slot and the border hold the code of 0. With ``vnni`` (default: this CPU's) each
+      byte of a channel's slot is shifted left by the channel's ``sa`` (:func:`mixed_gemm`).
     """
     return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, _vnni(vnni))
 
@@ -219,9 +223,9 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     def xval(x, b, ci, iy, ix):
         return x[b, ci, iy, ix]
 
-    # per interior row: every channel's codes computed 8 columns at a time (vectorised float
-    # math), stored channels-last; the 8-bit buffer holds 0 for 4-bit channels and the 4-bit
-    # one the code of 0 for inactive slots (selects, not branches)
+    # per interior row: the active block's codes computed vl columns at a time (vectorised
+    # float math), stored channels-last; the 8-bit buffer holds 0 for 4-bit channels and the
+    # 4-bit one the code of 0 for inactive slots
     @T.prim_func(private=True, s_tir=True)
     def quantize(x: T.Buffer(xshape, "float32"), sa: T.Buffer((c,), "int32"),
                  slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
@@ -386,6 +390,8 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
       ``vpmaddwd`` with ``2**shift``; ``chunks`` int32 ``[ngmax, 3]`` (first quad, quads,
       shift) for this call's ``n_low``, ``ng`` of them used; weights ``w4`` uint8
       ``[taps*slots/4, opad/16, 32]`` (two nibbles per byte, :meth:`LowLayout.pack`);
+      ``slot_wshift`` int32 ``[slots]``: each slot's weight shift
+      (:meth:`LowLayout.slot_shift`), used by the VNNI path only;
     * ``corr`` int32 ``[opad]`` removes the +8 offset of signed 4-bit activations (zero for
       unsigned ones; :meth:`LowLayout.correction`).
 
