@@ -201,6 +201,45 @@ def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_schedule_reduction_parallelises_and_keeps_results_bit_identical():
+    """Attention's FP32 matmul + softmax (reductions TVM's CPU pipeline leaves on one thread):
+    parallel over the leading data-parallel loops only, outputs bit-identical."""
+    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Attn:
+        @R.function
+        def main(q: R.Tensor((4, 50, 32), "float32"), k: R.Tensor((4, 32, 50), "float32")):
+            with R.dataflow():
+                a = R.nn.softmax(R.matmul(q, k), axis=-1)
+                R.output(a)
+            return a
+
+    target = tvm.target.Target(frontend.default_llvm_target())
+    with target:
+        legal = tvm.transform.Sequential(cpu.legalize_passes(target))(Attn)
+    scheduled = ScheduleInjective()(legal)
+    texts = {gv.name_hint: f.script() for gv, f in scheduled.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "flexiq.scheduled" in (f.attrs or {})}
+    assert set(texts) == {"matmul", "softmax"}
+    # matmul: the fewest leading output axes with MIN_TASKS iterations, fused and parallel;
+    # the reduction axis stays a serial loop
+    assert "for i0 in T.parallel(T.int64(4))" not in texts["matmul"]  # 4 < MIN_TASKS
+    assert "i0_i1_fused in T.parallel(T.int64(200))" in texts["matmul"]
+    assert texts["softmax"].count("T.parallel") == 4  # max, exp, sum, divide
+    rng = np.random.default_rng(4)
+    args = [rng.standard_normal(s).astype(np.float32) for s in [(4, 50, 32), (4, 32, 50)]]
+    outs = []
+    for pipe in ("default", pipeline(target)):
+        ex = tvm.compile(Attn, target=target, relax_pipeline=pipe)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("n,c,h,w,groups,o,k,stride,dil", [
     (1, 16, 14, 14, 16, 16, 3, 1, 1),  # depthwise, 8-column vectors and no ragged end
     (2, 8, 11, 13, 8, 8, 5, 2, 1),  # batch 2, 5x5, strided, ragged end

@@ -7,7 +7,9 @@ without a schedule every stage is its own loop nest writing a full intermediate 
 vectorises the fused loop: one pass over memory per chain. The arithmetic (each op in its
 order, each result rounded to float32) is unchanged, so the outputs are bit-identical.
 
-Functions with a reduction, or marked opaque (the FlexiQ kernels), are left as they are.
+Functions with a reduction (matmul, softmax, layer norm, pooling) are parallelised over the
+leading data-parallel loops of each block (:func:`schedule_reduction`); functions marked opaque
+(the FlexiQ kernels) or scheduled by a tuning database are left as they are.
 """
 
 from __future__ import annotations
@@ -17,28 +19,77 @@ from tvm import tirx
 
 VECTOR = 8  # float32 lanes of an AVX2 register
 MIN_PARALLEL = 4096  # below this many elements a thread wake-up costs more than it saves
+MIN_TASKS = 16  # parallel iterations wanted for a reduction block (a few per thread)
 
 
 def _is_injective(sch, block) -> bool:
     return all(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars)  # kDataPar
 
 
+def schedule_reduction(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Parallelise each root-level block of an unscheduled reduction PrimFunc (matmul,
+    softmax, layer norm, pooling) over its leading loops; left alone, TVM's CPU pipeline runs
+    them on one thread. The prefix is the shortest with at least ``MIN_TASKS`` iterations;
+    TVM's ``parallel`` primitive refuses a loop bound to a reduction axis, which ends the
+    search. The reduction order inside each output is unchanged: the results are
+    bit-identical."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        n_blocks = len(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # no root block: not a TensorIR compute function
+        return func
+    changed = False
+    for i in range(n_blocks):
+        # the fewest leading loops that give every thread several chunks: the loop nest
+        # inside stays as LLVM vectorises it (fusing all output axes made a matmul slower)
+        for n_lead in range(1, 9):
+            sch = s_tir.Schedule(func)
+            block = sch.get_child_blocks(sch.get_sblock("root"))[i]
+            loops = sch.get_loops(block)
+            if n_lead > len(loops):
+                break
+            try:
+                extents = [int(sch.get(lp).extent) for lp in loops]
+            except TypeError:  # a symbolic extent
+                break
+            lead, total = 1, 1
+            for j, e in enumerate(extents):
+                total *= e
+                lead *= e if j < n_lead else 1
+            if total < MIN_PARALLEL:
+                break
+            if lead < MIN_TASKS and n_lead < len(loops):
+                continue
+            try:
+                sch.parallel(sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0])
+            except Exception:  # a loop bound to a reduction axis: no deeper prefix works
+                break
+            func, changed = sch.mod["main"], True
+            break
+    return func.with_attr("flexiq.scheduled", True) if changed else func
+
+
 def schedule_injective(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Inline, fuse, parallelise and vectorise an all-injective PrimFunc (else unchanged)."""
+    """Inline, fuse, parallelise and vectorise an all-injective PrimFunc; parallelise a
+    reduction one (:func:`schedule_reduction`); others unchanged."""
     from tvm import s_tir
 
     attrs = func.attrs or {}
-    if (int(attrs.get("op_pattern", 0)) >= 4 or "flexiq.scheduled" in attrs
+    if (int(attrs.get("op_pattern", 0)) >= 8 or "flexiq.scheduled" in attrs
             or attrs.get("tirx.is_scheduled", False)):
-        return func  # reductions / opaque kernels / applied from a tuning database
+        return func  # opaque kernels / applied from a tuning database
     sch = s_tir.Schedule(func)
     try:
         root = sch.get_sblock("root")
     except Exception:  # no root block: not a TensorIR compute function
         return func
     blocks = sch.get_child_blocks(root)
-    if not blocks or not all(_is_injective(sch, b) for b in blocks):
+    if not blocks:
         return func
+    if int(attrs.get("op_pattern", 0)) >= 3 or not all(_is_injective(sch, b) for b in blocks):
+        return schedule_reduction(func)
     try:
         for b in blocks[:-1]:
             sch.compute_inline(b)
