@@ -216,6 +216,9 @@ def _database(database):
 
 
 def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule:
+    import tvm
+
+    from . import frontend
     from .target import npu
 
     t0 = time.perf_counter()
@@ -238,10 +241,6 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
                                      "reason": "plan layer not found in the graph"})
     int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in on_npu)
     report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
-    import tvm
-
-    from . import frontend
-
     meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
             "host_target": _target_json(tvm.target.Target(frontend.default_llvm_target())),
             "plan": _plan_summary(plan, ratios),
