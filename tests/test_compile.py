@@ -45,6 +45,21 @@ def test_resnet20_bit_exact_and_equal_to_fakequant(plans, via):
     _check_model(plans, "resnet20_fmnist", via, 40)
 
 
+@pytest.mark.parametrize("name,batch", [("resnet20_fmnist", 3), ("vit_fmnist", 2)])
+def test_batched_module_is_bit_exact(plans, name, batch):
+    """A module compiled for a batch: the GEMM's register tiles run over the whole batch (a
+    parallel task's tiles span images), and a linear layer's rows are tokens x images."""
+    model, plan = plans(name)
+    _, xs, _ = load_eval_data(name, batch)
+    cm = flexiq_tvm.compile(model, xs[:batch], plan=plan, expose_layers=True,
+                            config=FlexiQConfig(ratios=(0, 0.5, 1)))
+    for r in cm.ratios:
+        assert oracle_mismatches(cm, xs[:batch], r) == [], (name, r)
+    one = flexiq_tvm.compile(model, xs[:1], plan=plan, config=FlexiQConfig(ratios=(0, 1)))
+    # each image's logits as from the batch-1 module (same kernels' arithmetic per image)
+    np.testing.assert_array_equal(cm(xs[:batch], ratio=1)[1], one(xs[1:2], ratio=1)[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("via", ["torch.export", "onnx"])
 @pytest.mark.parametrize("name", FMNIST[1:])
