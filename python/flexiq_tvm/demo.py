@@ -4,6 +4,7 @@ per ratio from real runs."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from .eval import evaluate_fp32
@@ -85,7 +86,9 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
     t0 = time.perf_counter()
     cm = flexiq_tvm.compile(model, xs[:1], plan=plan, via=via, config=cfg, target=target)
     t_compile = time.perf_counter() - t0
-    torch.set_num_threads(1)
+    # torch on as many threads as TVM's pool (flexiq_tvm sets TVM_NUM_THREADS on import)
+    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
     x1 = xs[:1]
     with torch.no_grad():
         torch_ms = median_ms(lambda: model(torch.from_numpy(x1)), 50, warmup=5)
@@ -96,6 +99,7 @@ def compile_and_measure(name: str = "resnet20_fmnist", plan=None, selection: str
     return {"model": name, "via": via, "selection": selection, "n_images": n_images,
             "target": target,
             "plan_seconds": t_plan, "compile_seconds": t_compile, "torch_fp32_ms": torch_ms,
+            "threads": threads,
             "rows": rows, "report": cm.report}
 
 
@@ -107,4 +111,5 @@ def print_compiled(res: dict) -> None:
     print(f"  {'ratio':>5} {'top-1':>8} {'batch-1 ms':>11}   (first {res['n_images']} test images)")
     for r in res["rows"]:
         print(f"  {r['ratio']:>5g} {100 * r['top1']:>7.2f}% {r['median_ms']:>11.3f}")
-    print(f"  torch FP32 (1 thread) batch-1: {res['torch_fp32_ms']:.3f} ms")
+    print(f"  torch FP32 ({res.get('threads', 1)} threads, as FlexiQ) batch-1: "
+          f"{res['torch_fp32_ms']:.3f} ms")
