@@ -277,6 +277,33 @@ def test_mixed_grouped_conv_matches_numpy(n, c, h, w, groups, o, k, stride, dil)
         np.testing.assert_array_equal(acc.numpy(), want, err_msg=f"n_low={n_low}")
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("w", [7, 19, 20])  # one whole-row vector; 8..16 lanes + remainder
+def test_quantize_padded_codes_and_border(signed, w):
+    """The grouped/depthwise conv's quantizer: NCHW codes with a zero border; a channel of
+    rank below n_low holds its 4-bit code shifted by its total shift."""
+    n, c, h, pad = 2, 5, 3, (1, 2, 0, 1)  # top, bottom, left, right
+    rng = np.random.default_rng(w)
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    inv = 40.0
+    sa = rng.integers(0, 5, size=c).astype(np.int32)
+    st = sa + rng.integers(0, 5, size=c).astype(np.int32)
+    rank = rng.permutation(c).astype(np.int32)
+    lib = _build(KERNELS["quantize_padded"](n, c, h, w, pad, inv, signed))
+    lo, hi, lo4, hi4 = (-127, 127, -8, 7) if signed else (0, 255, 0, 15)
+    code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int64)
+    half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)[None, :, None, None]
+    a4 = np.clip((code + half) >> sa[None, :, None, None], lo4, hi4)
+    for n_low in (0, 2, c):
+        q = tvm.runtime.empty((n, c, h + 3, w + 1), "int16")
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa), tvm.runtime.tensor(st),
+                    tvm.runtime.tensor(rank), n_low, q)
+        low = (rank < n_low)[None, :, None, None]
+        want = np.zeros((n, c, h + 3, w + 1), np.int64)
+        want[:, :, 1 : 1 + h, 0:w] = np.where(low, a4 << st[None, :, None, None], code)
+        np.testing.assert_array_equal(q.numpy(), want, err_msg=f"n_low={n_low}")
+
+
 @pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
 @pytest.mark.parametrize("signed", [False, True])
 def test_quantize_rows_codes_at_every_boundary(signed, vnni):

@@ -214,10 +214,7 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
     xshape = (n, c, h, w)
-    # interior columns in vectors of vl lanes: a whole row when it is short (a row of 7 or 14
-    # would otherwise be mostly scalar remainder), else the width in 8..16 that leaves the
-    # shortest scalar remainder
-    vl = w if w <= 16 else min(range(8, 17), key=lambda v: (w % v, -v))
+    vl = _row_vector(w)  # interior columns in vectors of vl lanes
     wv = w // vl * vl
 
     def xval(x, b, ci, iy, ix):
@@ -323,14 +320,6 @@ def _extract(q, s, lo4, hi4):
     """Effective bit extraction ``clip((q + 2**(s-1)) >> s)`` to 4 bits."""
     return T.max(T.min(T.shift_right(q + T.if_then_else(s > 0, T.shift_left(1, s - 1), 0), s),
                        hi4), lo4)
-
-
-def _code(v, inv, lo, hi, lo4, hi4, s, st, low):
-    """The 8-bit code of ``v``, or for a 4-bit channel its extracted code shifted left by
-    ``st`` (the channel's activation plus weight shift: the product with the raw 4-bit weight
-    is then already on the INT8 scale)."""
-    return T.if_then_else(low, T.shift_left(_extract(_code8(v, inv, lo, hi), s, lo4, hi4), st),
-                          _code8(v, inv, lo, hi))
 
 
 def _pmadd(a, b):
@@ -596,12 +585,25 @@ def dequantize(n, o, p, opad, ppad, layout, yshape):
     return func
 
 
+def _row_vector(w: int) -> int:
+    """Lanes for a row of ``w`` columns: the whole row when it is short (a row of 7 or 14 would
+    otherwise be mostly scalar remainder), else the width in 8..16 that leaves the shortest
+    scalar remainder."""
+    return w if w <= 16 else min(range(8, 17), key=lambda v: (w % v, -v))
+
+
 def quantize_padded(n, c, h, w, pad, inv, signed):
     """x f32[n,c,h,w] -> q i16[n,c,h+pt+pb,w+pl+pr] (zero border); where ``rank[c] < n_low``
-    the shifted 4-bit code ``extract(q, sa) << st`` (see :func:`_code`)."""
+    the 4-bit code ``extract(q, sa) << st``, shifted by the channel's activation plus weight
+    shift: its product with the raw 4-bit weight is then on the INT8 scale.
+
+    Parallel over (image, channel) planes; the block of a plane is decided once per plane and
+    its rows are vectorised (:func:`_row_vector`); only the border is zero-filled."""
     lo, hi, lo4, hi4 = _act_bounds(signed)
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
+    vl = _row_vector(w)
+    wv = w // vl * vl
 
     @T.prim_func(private=True, s_tir=True)
     def quantize_padded(x: T.Buffer((n, c, h, w), "float32"), sa: T.Buffer((c,), "int32"),
@@ -610,12 +612,38 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             for bc in T.parallel(n * c):
-                for ih, iw in T.grid(hp, wp):
+                for ih, iw in T.grid(pt, wp):
                     q[bc // c, bc % c, ih, iw] = T.int16(0)
-                for ih, iw in T.grid(h, w):
-                    q[bc // c, bc % c, ih + pt, iw + pl] = T.Cast("int16", _code(
-                        x[bc // c, bc % c, ih, iw], inv, lo, hi, lo4, hi4, sa[bc % c],
-                        st[bc % c], rank[bc % c] < n_low))
+                for ih, iw in T.grid(pb, wp):
+                    q[bc // c, bc % c, pt + h + ih, iw] = T.int16(0)
+                for ih in range(h):
+                    for iw in range(pl):
+                        q[bc // c, bc % c, pt + ih, iw] = T.int16(0)
+                    for iw in range(pr):
+                        q[bc // c, bc % c, pt + ih, pl + w + iw] = T.int16(0)
+                if rank[bc % c] < n_low:
+                    for ih in range(h):
+                        for xo in range(wv // vl):
+                            for xi in T.vectorized(vl):
+                                q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
+                                    "int16", T.shift_left(_extract(_code8(
+                                        x[bc // c, bc % c, ih, xo * vl + xi], inv, lo, hi),
+                                        sa[bc % c], lo4, hi4), st[bc % c]))
+                        for xr in range(w - wv):
+                            q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
+                                "int16", T.shift_left(_extract(_code8(
+                                    x[bc // c, bc % c, ih, wv + xr], inv, lo, hi),
+                                    sa[bc % c], lo4, hi4), st[bc % c]))
+                else:
+                    for ih in range(h):
+                        for xo in range(wv // vl):
+                            for xi in T.vectorized(vl):
+                                q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
+                                    "int16", _code8(x[bc // c, bc % c, ih, xo * vl + xi], inv,
+                                                    lo, hi))
+                        for xr in range(w - wv):
+                            q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
+                                "int16", _code8(x[bc // c, bc % c, ih, wv + xr], inv, lo, hi))
 
     return quantize_padded
 
