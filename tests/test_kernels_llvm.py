@@ -166,10 +166,34 @@ def test_quantize_nhwc_layout_codes_and_padding(signed, vnni):
     assert (g4[:, border] == off << pre).all() and not g8[:, border].any()
 
 
-def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
-    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
-    from tvm import relax
+def _scheduled_scripts(mod) -> dict[str, str]:
+    """TVMScript of the PrimFuncs ScheduleInjective schedules in legalized, fused ``mod``."""
+    from flexiq_tvm.schedules.llvm import ScheduleInjective
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm.target.Target(frontend.default_llvm_target())
+    with target:
+        legal = tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
+    return {gv.name_hint: f.script() for gv, f in ScheduleInjective()(legal).functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "flexiq.scheduled" in (f.attrs or {})}
+
+
+def _assert_pipeline_bit_identical(mod, shapes, seed):
+    """``mod`` built by TVM's default pipeline and by ours gives the same bits."""
+    from flexiq_tvm.schedules.llvm import pipeline
+    from tvm import relax
+
+    target = tvm.target.Target(frontend.default_llvm_target())
+    rng = np.random.default_rng(seed)
+    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    outs = []
+    for pipe in ("default", pipeline(target)):
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipe)
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](*args).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
     from tvm.script import relax as R
 
     @tvm.script.ir_module
@@ -183,30 +207,15 @@ def test_schedule_injective_vectorises_and_keeps_results_bit_identical():
                 R.output(b)
             return b
 
-    target = tvm.target.Target(frontend.default_llvm_target())
-    with target:
-        fused = tvm.transform.Sequential(cpu.legalize_passes(target))(Chain)
-    scheduled = ScheduleInjective()(fused)
-    names = [gv.name_hint for gv, f in scheduled.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and "flexiq.scheduled" in (f.attrs or {})]
-    assert len(names) == 1 and "vectorized" in scheduled[names[0]].script()
-    rng = np.random.default_rng(3)
-    args = [rng.standard_normal(s).astype(np.float32) for s in
-            [(1, 16, 28, 28), (1, 16, 28, 28), (1, 16, 1, 1), (1, 16, 1, 1)]]
-    outs = []
-    for pipe in ("default", pipeline(target)):
-        ex = tvm.compile(Chain, target=target, relax_pipeline=pipe)
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
-    np.testing.assert_array_equal(outs[0], outs[1])
+    texts = _scheduled_scripts(Chain)
+    assert len(texts) == 1 and "vectorized" in next(iter(texts.values()))
+    _assert_pipeline_bit_identical(Chain, [(1, 16, 28, 28), (1, 16, 28, 28), (1, 16, 1, 1),
+                                           (1, 16, 1, 1)], seed=3)
 
 
 def test_schedule_reduction_parallelises_and_keeps_results_bit_identical():
     """Attention's FP32 matmul + softmax (reductions TVM's CPU pipeline leaves on one thread):
     parallel over the leading data-parallel loops only, outputs bit-identical."""
-    from flexiq_tvm.schedules.llvm import ScheduleInjective, pipeline
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.script import relax as R
 
     @tvm.script.ir_module
@@ -218,26 +227,14 @@ def test_schedule_reduction_parallelises_and_keeps_results_bit_identical():
                 R.output(a)
             return a
 
-    target = tvm.target.Target(frontend.default_llvm_target())
-    with target:
-        legal = tvm.transform.Sequential(cpu.legalize_passes(target))(Attn)
-    scheduled = ScheduleInjective()(legal)
-    texts = {gv.name_hint: f.script() for gv, f in scheduled.functions.items()
-             if isinstance(f, tvm.tirx.PrimFunc) and "flexiq.scheduled" in (f.attrs or {})}
+    texts = _scheduled_scripts(Attn)
     assert set(texts) == {"matmul", "softmax"}
     # matmul: the fewest leading output axes with MIN_TASKS iterations, fused and parallel;
     # the reduction axis stays a serial loop
     assert "for i0 in T.parallel(T.int64(4))" not in texts["matmul"]  # 4 < MIN_TASKS
     assert "i0_i1_fused in T.parallel(T.int64(200))" in texts["matmul"]
     assert texts["softmax"].count("T.parallel") == 4  # max, exp, sum, divide
-    rng = np.random.default_rng(4)
-    args = [rng.standard_normal(s).astype(np.float32) for s in [(4, 50, 32), (4, 32, 50)]]
-    outs = []
-    for pipe in ("default", pipeline(target)):
-        ex = tvm.compile(Attn, target=target, relax_pipeline=pipe)
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
-    np.testing.assert_array_equal(outs[0], outs[1])
+    _assert_pipeline_bit_identical(Attn, [(4, 50, 32), (4, 32, 50)], seed=4)
 
 
 @pytest.mark.parametrize("n,c,h,w,groups,o,k,stride,dil", [
