@@ -41,21 +41,13 @@ PEERS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "tvm-fp32")
 
 def machine() -> dict:
     """CPU model, cores and the SIMD features the kernels care about."""
-    from .hostcpu import avx_vnni, cpu_flags
+    from .hostcpu import avx_vnni, cpu_flags, cpu_model
 
-    info = {"platform": platform.platform(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     flags = cpu_flags()
-    info["simd"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-                                      "avx_vnni") if f in flags)
-    info["kernels"] = "avx-vnni" if avx_vnni() else "avx2"
-    return info
+    return {"platform": platform.platform(), "cores": os.cpu_count(), "cpu": cpu_model(),
+            "simd": sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                       "avx_vnni") if f in flags),
+            "kernels": "avx-vnni" if avx_vnni() else "avx2"}
 
 
 class PeakRSS:
@@ -258,9 +250,6 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
         slot = tvm.runtime.tensor(low.slot_shift(rng.integers(0, 5, size=c)))
         corr = tvm.runtime.tensor(np.zeros(opad, np.int32))
         timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
-        # the first timing of a process also pays for the thread pool and page faults: one
-        # discarded run at the first ratio
-        warm = True
         for r in ratios:
             n_low = round(r * c)
             rows = low.chunks(n_low)
@@ -268,9 +257,8 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
             table[: len(rows)] = rows
             args = (q8, q4, w8, w4, slot, tvm.runtime.tensor(table),
                     (rows[:, 1] > 0).sum().item(), corr, n_low, acc)
-            if warm:
-                timer(*args)
-                warm = False
+            if r == ratios[0]:  # the first timing also pays for the thread pool and page
+                timer(*args)  # faults: one discarded run
             res = timer(*args)
             us = 1e6 * float(np.median(res.results))
             macs = oh * ow * o * c * kk

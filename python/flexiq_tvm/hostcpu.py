@@ -3,20 +3,36 @@ an artifact's target against it before loading native code)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of this machine (``/proc/cpuinfo``; empty where there is none)."""
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none); read once:
+    every kernel build asks."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, val = line.partition(":")
+                info[key.strip()] = val.strip()
     except OSError:
         pass
-    return frozenset()
+    return info
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name, as ``/proc/cpuinfo`` gives it."""
+    return _cpuinfo().get("model name")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this machine (empty where ``/proc/cpuinfo`` has none)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def avx_vnni() -> bool:

@@ -14,6 +14,7 @@ leading data-parallel loops of each block (:func:`schedule_reduction`); function
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import tirx
 
@@ -42,32 +43,23 @@ def schedule_reduction(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     changed = False
     for i in range(n_blocks):
+        sch = s_tir.Schedule(func)  # a fresh one: a refused parallel leaves a fused loop
+        loops = sch.get_loops(sch.get_child_blocks(sch.get_sblock("root"))[i])
+        try:
+            extents = [int(sch.get(lp).extent) for lp in loops]
+        except TypeError:  # a symbolic extent
+            continue
+        if not loops or int(np.prod(extents)) < MIN_PARALLEL:
+            continue
         # the fewest leading loops that give every thread several chunks: the loop nest
         # inside stays as LLVM vectorises it (fusing all output axes made a matmul slower)
-        for n_lead in range(1, 9):
-            sch = s_tir.Schedule(func)
-            block = sch.get_child_blocks(sch.get_sblock("root"))[i]
-            loops = sch.get_loops(block)
-            if n_lead > len(loops):
-                break
-            try:
-                extents = [int(sch.get(lp).extent) for lp in loops]
-            except TypeError:  # a symbolic extent
-                break
-            lead, total = 1, 1
-            for j, e in enumerate(extents):
-                total *= e
-                lead *= e if j < n_lead else 1
-            if total < MIN_PARALLEL:
-                break
-            if lead < MIN_TASKS and n_lead < len(loops):
-                continue
-            try:
-                sch.parallel(sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0])
-            except Exception:  # a loop bound to a reduction axis: no deeper prefix works
-                break
-            func, changed = sch.mod["main"], True
-            break
+        n_lead = next((k for k in range(1, len(loops) + 1)
+                       if np.prod(extents[:k]) >= MIN_TASKS), len(loops))
+        try:
+            sch.parallel(sch.fuse(*loops[:n_lead]) if n_lead > 1 else loops[0])
+        except Exception:  # a loop bound to a reduction axis: the block stays serial
+            continue
+        func, changed = sch.mod["main"], True
     return func.with_attr("flexiq.scheduled", True) if changed else func
 
 

@@ -217,9 +217,6 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     vl = _row_vector(w)  # interior columns in vectors of vl lanes
     wv = w // vl * vl
 
-    def xval(x, b, ci, iy, ix):
-        return x[b, ci, iy, ix]
-
     # per interior row: the active block's codes computed vl columns at a time (vectorised
     # float math), stored channels-last; the 8-bit buffer holds 0 for 4-bit channels and the
     # 4-bit one the code of 0 for inactive slots
@@ -256,27 +253,27 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
                             for xi in T.vectorized(vl):
                                 q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
                                     "int16", T.if_then_else(ci < c, _code8(
-                                        xval(x, by // hp, T.min(ci, c - 1), by % hp - pt,
-                                             xo * vl + xi), inv, lo, hi), 0))
+                                        x[by // hp, T.min(ci, c - 1), by % hp - pt,
+                                          xo * vl + xi], inv, lo, hi), 0))
                         for xr in range(w - wv):
                             q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
                                 "int16", T.if_then_else(ci < c, _code8(
-                                    xval(x, by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr),
+                                    x[by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr],
                                     inv, lo, hi), 0))
                     for si in range(slots):
                         if slot_chan[si] >= 0 and slot_chan[si] < n_low:
                             for xo in range(wv // vl):
                                 for xi in T.vectorized(vl):
                                     q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
-                                        "uint8", _pre4(off + _extract(_code8(xval(
-                                            x, by // hp, slot_chan[si], by % hp - pt,
-                                            xo * vl + xi), inv, lo, hi),
+                                        "uint8", _pre4(off + _extract(_code8(
+                                            x[by // hp, slot_chan[si], by % hp - pt,
+                                              xo * vl + xi], inv, lo, hi),
                                             sa[slot_chan[si]], lo4, hi4),
                                             sa[slot_chan[si]], vnni))
                             for xr in range(w - wv):
                                 q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
-                                    "uint8", _pre4(off + _extract(_code8(xval(
-                                        x, by // hp, slot_chan[si], by % hp - pt, wv + xr),
+                                    "uint8", _pre4(off + _extract(_code8(
+                                        x[by // hp, slot_chan[si], by % hp - pt, wv + xr],
                                         inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
                                         sa[slot_chan[si]], vnni))
                         else:
@@ -411,6 +408,13 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
     nchunk = -(-ntile // ppc)
     out_shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
 
+    def pixel(tile, pi):
+        """The padded-input pixel (image, row, column flattened) under position ``pi`` of
+        register tile ``tile`` (tiles never span images; padding positions repeat the
+        image's last one)."""
+        p = T.min(tile % npb * TP + pi, p_real - 1)
+        return (tile // npb * hp + p // ow * sh) * wp + p % ow * sw
+
     @T.prim_func(private=True, s_tir=True)
     def mixed_gemm(q8: T.Buffer((n, hp, wp, cpad), "int16"),
                    q4: T.Buffer((n, hp, wp, slots), "uint8"),
@@ -468,11 +472,8 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                         pix8 = T.decl_buffer((TP,), "int32")
                         pix4 = T.decl_buffer((TP,), "int64")
                         for pi in T.unroll(TP):
-                            pix8[pi] = ((((t % nchunk) * ppc + pt) // npb * hp + T.min(
-                                (((t % nchunk) * ppc + pt) % npb) * TP + pi, p_real - 1) // ow
-                                * sh) * wp + T.min((((t % nchunk) * ppc + pt) % npb) * TP + pi,
-                                                   p_real - 1) % ow * sw) * cpad
-                            pix4[pi] = T.Cast("int64", pix8[pi] // cpad * slots)
+                            pix8[pi] = pixel((t % nchunk) * ppc + pt, pi) * cpad
+                            pix4[pi] = T.Cast("int64", pixel((t % nchunk) * ppc + pt, pi) * slots)
                             for hh in T.unroll(2):
                                 for oi in T.vectorized(8):
                                     accl[pi, hh * 8 + oi] = 0 - corr[
