@@ -34,6 +34,12 @@ def test_bursty_trace_matches_its_rates():
     assert [r for _, r in steps[:2]] == [100.0, 300.0]
 
 
+def test_bursts_stay_between_the_int8_and_the_fastest_capacity():
+    assert loadtest.default_burst({"0": 100.0, "1": 200.0}) == 1.4
+    assert loadtest.default_burst({"0": 100.0, "0.5": 110.0, "1": 120.0}) == pytest.approx(1.1)
+    assert loadtest.default_burst({"0": 100.0, "1": 90.0}) == 1.4  # nothing faster: warned
+
+
 def test_adaptive_keeps_the_slo_through_bursts_where_static_int8_cannot(tmp_path):
     acc = {"0": 0.95, "1": 0.90}
     doc = loadtest.run(TwoSpeedModule(), acc, duration_s=6.0, slo_ms=40.0,

@@ -87,6 +87,78 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_lives_on(resnet, body, code
         assert ok == 200
 
 
+def test_binary_bodies_both_ways_on_one_keep_alive_connection(resnet):
+    import http.client
+
+    cm, xs = resnet
+    with InferenceServer(cm, StaticPolicy(0.0)) as srv:
+        c = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]), timeout=30)
+        for i, (query, ratio) in enumerate([("", 0.0), ("?ratio=1", 1.0), ("?ratio=1.0", 1.0)]):
+            c.request("POST", "/v1/infer" + query, xs[i].astype("<f4").tobytes(),
+                      {"Content-Type": "application/octet-stream",
+                       "Accept": "application/octet-stream"})
+            r = c.getresponse()
+            out = np.frombuffer(r.read(), r.getheader("X-FlexiQ-Dtype"))
+            assert r.status == 200 and float(r.getheader("X-FlexiQ-Ratio")) == ratio
+            assert r.getheader("X-FlexiQ-Shape") == "10"
+            assert np.array_equal(out, cm(xs[i : i + 1], ratio=ratio)[0])
+        # a JSON answer to a binary request, and a JSON request with a ratio in the query
+        c.request("POST", "/v1/infer?ratio=1", xs[3].tobytes(),
+                  {"Content-Type": "application/octet-stream"})
+        r = c.getresponse()
+        doc = json.loads(r.read())
+        assert doc["ratio"] == 1.0
+        assert np.array_equal(np.asarray(doc["output"], np.float32), cm(xs[3:4], ratio=1.0)[0])
+        c.request("POST", "/v1/infer?ratio=1", json.dumps({"input": xs[3].tolist()}),
+                  {"Content-Type": "application/json"})
+        assert json.loads(c.getresponse().read())["output"] == doc["output"]
+        assert _get(srv.url, "/metrics")["served"] == 5
+
+
+def _raw(url, data: bytes) -> tuple[int, bytes]:
+    """Send raw bytes on a fresh connection; the status code and whole answer."""
+    import socket
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        got = b""
+        while True:  # the head, then its Content-Length of body
+            head, sep, body = got.partition(b"\r\n\r\n")
+            if sep and len(body) >= int(head.lower().split(b"content-length: ")[1]
+                                        .split(b"\r\n")[0]):
+                break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return int(got.split(b" ", 2)[1]), got
+
+
+@pytest.mark.parametrize("data,code,msg", [
+    (b"POST /v1/infer HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
+     b"Content-Length: 12\r\n\r\n" + bytes(12), 400, b"expected 3136 (float32"),
+    (b"POST /v1/infer HTTP/1.1\r\nContent-Type: text/csv\r\nContent-Length: 3\r\n\r\n1,2",
+     415, b"application/octet-stream"),
+    (b"POST /v1/infer?ratio=0.3 HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
+     b"Content-Length: 3136\r\n\r\n" + bytes(3136), 400, b"compiled ratios"),
+    (b"POST /v1/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411,
+     b"Content-Length required"),
+    (b"GET /v1/infer HTTP/1.1\r\n\r\n", 405, b"not allowed"),
+    (b"GET /nowhere HTTP/1.1\r\n\r\n", 404, b"no such endpoint"),
+    (b"HELLO\r\n\r\n", 400, b"malformed request line"),
+    (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", 400, b"malformed header"),
+    (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431, b"headers over"),
+])
+def test_malformed_http_gets_a_clear_4xx_and_the_server_lives_on(resnet, data, code, msg):
+    cm, xs = resnet
+    with InferenceServer(cm, StaticPolicy(0.0)) as srv:
+        got, answer = _raw(srv.url, data)
+        assert got == code and msg in answer
+        ok, doc = _post(srv.url, json.dumps({"input": xs[0].tolist()}).encode())
+        assert ok == 200 and _get(srv.url, "/metrics")["served"] == 1
+
+
 def test_overload_answers_503_at_once_and_shutdown_is_clean():
     srv = InferenceServer(SlowModule(), StaticPolicy(0.0), max_queue=2).start()
     results = []

@@ -174,7 +174,7 @@ def cmd_serve(args) -> int:
     import threading
 
     from .runtime import AdaptivePolicy, StaticPolicy, load
-    from .runtime.server import InferenceServer
+    from .runtime.server import InferenceServer, worker_profile
 
     key = None
     if args.key_file:
@@ -188,10 +188,10 @@ def cmd_serve(args) -> int:
     else:
         if args.slo_ms is None:
             raise ValueError("--slo-ms is required for the adaptive policy (or give --ratio)")
-        profile = mod.metadata.get("profile_ms") or mod.profile()
+        profile = worker_profile(mod, args.threads)  # as the worker will run
         policy = AdaptivePolicy(profile, args.slo_ms)
     srv = InferenceServer(mod, policy, host=args.host, port=args.port,
-                          max_queue=args.max_queue).start()
+                          max_queue=args.max_queue, threads=args.threads).start()
     print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, "
           f"{'static ' + str(args.ratio) if args.ratio is not None else 'adaptive'}); "
           "Ctrl-C stops", flush=True)
@@ -231,7 +231,7 @@ def cmd_loadtest(args) -> int:
         accuracy = {f"{r:g}": a for r, a in top1_per_ratio(mod, xs, ys).items()}
         x = xs[0]
     doc = loadtest.run(mod, accuracy, duration_s=args.duration, slo_ms=args.slo_ms,
-                       x=x, plot=args.plot)
+                       x=x, plot=args.plot, threads=args.threads)
     print(f"SLO {doc['slo_ms']:.2f} ms; trace: {doc['trace']['requests']} requests, base "
           f"{doc['trace']['base_rps']:.0f} rps, bursts {doc['trace']['burst_rps']:.0f} rps")
     print(f"  {'config':<10} {'p50 ms':>8} {'p99 ms':>8} {'SLO %':>7} {'rps':>7} {'top-1':>7} "
@@ -411,12 +411,16 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     sv.add_argument("--max-queue", type=int, default=64, help="queued requests before 503")
     sv.add_argument("--key-file", help="HMAC key file: refuse artifacts not signed with it "
                     "(or set FLEXIQ_ARTIFACT_KEY)")
+    sv.add_argument("--threads", type=int, help="TVM threads of the inference worker "
+                    "(default: every CPU but one, left to the HTTP front end)")
     sv.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser("loadtest", help="replay a bursty trace against static and adaptive "
                         "serving", description="On loopback and bounded in time: a Poisson "
                         "trace (base 0.6x, bursts 1.4x the INT8 capacity from the module's "
-                        "latency profile, 30 %% of the time) against static ratio 0, static "
+                        "latency profile, 30 %% of the time; bursts halfway between the INT8 "
+                        "and the fastest ratio's capacity where those are less than 1.4x "
+                        "apart) against static ratio 0, static "
                         "ratio 1 and the adaptive policy; p50/p99, SLO attainment, throughput, "
                         "mean accuracy, and a PNG plot.")
     lt.add_argument("--trace", default="bursty", help="trace kind (bursty)")
@@ -430,6 +434,8 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     lt.add_argument("--accuracy-images", type=int, default=1000,
                     help="test images for the per-ratio accuracy (zoo model)")
     lt.add_argument("--slo-ms", type=float, help="default: 2x the INT8 p50 at the base rate")
+    lt.add_argument("--threads", type=int, help="TVM threads of the server's inference worker "
+                    "(default: every CPU but one); the profile sizing the trace uses the same")
     lt.add_argument("--plot", metavar="PNG", help="write the load / ratio / latency plot here")
     lt.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     lt.set_defaults(func=cmd_loadtest)

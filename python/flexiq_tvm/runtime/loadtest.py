@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .policy import AdaptivePolicy, StaticPolicy
-from .server import InferenceServer
+from .server import InferenceServer, worker_profile
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,24 @@ def bursty_trace(duration_s: float, base_rps: float, burst_rps: float, burst_fra
     return arrivals, [s for s in steps if s[0] < duration_s]
 
 
-def _replay(module, policy, arrivals, x, timeout_s=5.0) -> tuple[list, dict]:
-    with InferenceServer(module, policy, max_queue=256, timeout_s=timeout_s) as srv, \
-            tempfile.TemporaryDirectory() as tmp:
+def default_burst(capacity: dict) -> float:
+    """Burst rate as a multiple of the INT8 capacity: 1.4, or halfway to the fastest ratio's
+    capacity when that is less than 1.4x INT8's (bursts must exceed INT8's capacity and stay
+    below the fastest ratio's). ``capacity``: requests/s per ratio (text keys)."""
+    gap = max(capacity.values()) / capacity["0"]
+    if gap <= 1.0:
+        log.warning("no ratio is faster than INT8 here: bursts at 1.4x cannot be absorbed")
+        return 1.4
+    return min(1.4, (1.0 + gap) / 2)
+
+
+def _replay(module, policy, arrivals, x, threads=None, timeout_s=5.0) -> tuple[list, dict]:
+    with InferenceServer(module, policy, max_queue=1024, timeout_s=timeout_s,
+                         threads=threads) as srv, tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         out = Path(tmp) / "out.json"
-        trace.write_text(json.dumps({"arrivals": list(arrivals), "input": x.tolist()}))
+        trace.write_text(json.dumps({"arrivals": list(arrivals), "input": x.tolist(),
+                                     "dtype": str(x.dtype)}))
         subprocess.run([sys.executable, "-m", "flexiq_tvm.runtime.loadgen", srv.url,
                         str(trace), str(out)], check=True, timeout=max(arrivals, default=0) + 120)
         doc = json.loads(out.read_text())
@@ -81,29 +93,37 @@ def _summary(name, reqs, slo_ms, duration_s, accuracy) -> dict:
 
 
 def run(module, accuracy: dict, duration_s: float = 30.0, slo_ms: float | None = None,
-        base: float = 0.6, burst: float = 1.4, burst_frac: float = 0.3, x=None, seed: int = 0,
-        plot: str | None = None) -> dict:
-    """The load test as the DESIGN.md ``loadtest`` document (see the module docs)."""
+        base: float = 0.6, burst: float | None = None, burst_frac: float = 0.3, x=None,
+        seed: int = 0, plot: str | None = None, threads: int | None = None) -> dict:
+    """The load test as the DESIGN.md ``loadtest`` document (see the module docs).
+
+    ``base`` and ``burst`` are multiples of the INT8 capacity. ``burst`` defaults to 1.4, or,
+    where the fastest ratio's capacity is less than 1.4x INT8's, to halfway between the two
+    capacities, so that bursts stay above INT8's capacity and below the fastest ratio's.
+    ``threads``: the server worker's TVM pool (the profile is measured with the same)."""
     x = np.zeros(module.input_shape[1:], module.input_dtype) if x is None else np.asarray(x)
     accuracy = {f"{float(k):g}": v for k, v in accuracy.items()}  # keys: ratios or their text
-    profile = module.profile(repeat=30)
-    cap0 = 1000.0 / profile["0"]
+    profile = worker_profile(module, threads, repeat=30)
+    capacity = {k: 1000.0 * module.input_shape[0] / v for k, v in profile.items()}
+    cap0 = capacity["0"]
+    burst = default_burst(capacity) if burst is None else burst
     arrivals, steps = bursty_trace(duration_s, base * cap0, burst * cap0, burst_frac, seed=seed)
     if slo_ms is None:  # 2x the INT8 p50 at the base rate, measured through the server
         calib, _ = bursty_trace(min(4.0, duration_s / 4), base * cap0, base * cap0, 0.0,
                                 seed=seed + 1)
-        reqs, _ = _replay(module, StaticPolicy(0.0), calib, x)
+        reqs, _ = _replay(module, StaticPolicy(0.0), calib, x, threads)
         ok = [r[1] for r in reqs if r and r[2] == 200]
         slo_ms = 2.0 * float(np.median(ok))
     doc = {"slo_ms": slo_ms, "duration_s": duration_s, "profile_ms": profile,
-           "capacity_rps": {k: 1000.0 / v for k, v in profile.items()},
+           "capacity_rps": capacity, "server_threads": threads,
            "trace": {"kind": "bursty", "base_rps": base * cap0, "burst_rps": burst * cap0,
-                     "burst_frac": burst_frac, "requests": len(arrivals)},
+                     "base_x_int8": base, "burst_x_int8": burst, "burst_frac": burst_frac,
+                     "requests": len(arrivals)},
            "configs": [], "timelines": {}}
     fastest = max(module.ratios)
     for name, policy in (("static-0", StaticPolicy(0.0)), ("static-1", StaticPolicy(fastest)),
                          ("adaptive", AdaptivePolicy(profile, slo_ms))):
-        reqs, gen = _replay(module, policy, arrivals, x)
+        reqs, gen = _replay(module, policy, arrivals, x, threads)
         s = _summary(name, reqs, slo_ms, duration_s, accuracy)
         s["generator_cpu_share"] = gen["cpu_s"] / max(gen["wall_s"], 1e-9)
         doc["configs"].append(s)
