@@ -43,8 +43,11 @@ print("accuracy per ratio:", {k: round(v, 4) for k, v in accuracy.items()})
 # --------
 # The same thing from a shell: ``flexiq-tvm serve resnet20_serving.flexiq --slo-ms 5``.
 # A request is JSON: ``{"input": [...]}`` with one image of the compiled shape, plus an
-# optional ``"ratio"``. The answer carries the output, the ratio the policy chose and the
-# latency. ``/metrics`` reports latency percentiles and the ratios used.
+# optional ``"ratio"``, or, cheaper, the image's raw little-endian bytes with
+# ``Content-Type: application/octet-stream`` (``?ratio=R`` asks for a ratio either way). The
+# answer carries the output, the ratio the policy chose and the latency (raw bytes plus
+# ``X-FlexiQ-*`` headers with ``Accept: application/octet-stream``). ``/metrics`` reports
+# latency percentiles and the ratios used.
 served = flexiq_tvm.load(path)
 profile = served.metadata["profile_ms"]
 slo_ms = 3 * profile["0"]
@@ -63,8 +66,9 @@ print("server metrics:", {k: metrics[k] for k in ("served", "ratio_counts") if k
 # %%
 # A bursty trace: static vs adaptive
 # ----------------------------------
-# The trace runs at 0.6x the INT8 capacity, with bursts at 1.4x for 30 % of the time. The SLO
-# defaults to twice the INT8 median at the base rate. ``flexiq-tvm loadtest`` does the same from
+# The trace runs at 0.6x the INT8 capacity, with bursts at 1.4x for 30 % of the time (or
+# halfway to the fastest ratio's capacity when that is closer). The SLO defaults to twice
+# the INT8 median at the base rate. ``flexiq-tvm loadtest`` does the same from
 # a shell and draws the plot.
 doc = loadtest.run(served, accuracy, duration_s=pick(3.0, 30.0), x=x[0],
                    plot=str(OUT / "serving_loadtest.png"))

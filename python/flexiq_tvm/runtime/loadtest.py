@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .policy import AdaptivePolicy, StaticPolicy
-from .server import InferenceServer, worker_profile
+from .server import InferenceServer, worker_profile, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def run(module, accuracy: dict, duration_s: float = 30.0, slo_ms: float | None =
     ``threads``: the server worker's TVM pool (the profile is measured with the same)."""
     x = np.zeros(module.input_shape[1:], module.input_dtype) if x is None else np.asarray(x)
     accuracy = {f"{float(k):g}": v for k, v in accuracy.items()}  # keys: ratios or their text
+    threads = worker_threads() if threads is None else threads
     profile = worker_profile(module, threads, repeat=30)
     capacity = {k: 1000.0 * module.input_shape[0] / v for k, v in profile.items()}
     cap0 = capacity["0"]
