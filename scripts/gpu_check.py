@@ -1,11 +1,14 @@
 """Device check of the CUDA mixed INT8/INT4 kernel (run by scripts/gpu_check.sh on a GPU).
 
-1. Bit-exactness: random quantized operands of a 512 x 256 x 1024 GEMM at ratios 0 / 0.5 / 1
-   (and a ResNet-20-shaped 3x3 conv as an implicit GEMM), the kernel on the GPU against the
-   integer oracle (flexiq_tvm.reference.mixed_matmul).
+1. Bit-exactness of the kernel: random quantized operands of a 512 x 256 x 1024 GEMM at
+   ratios 0 / 0.5 / 1 (and a ResNet-20-shaped 3x3 conv as an implicit GEMM), the kernel on
+   the GPU against the integer oracle (flexiq_tvm.reference.mixed_matmul).
 2. Timings (median, TVM time_evaluator) of the kernel on 4096^3 and on a ResNet 3x3 conv shape
    (batch 32, 64 -> 64 channels, 56 x 56: M = 100352, K = 576, N = 64) at ratios 0 / 0.5 / 1,
    beside torch._int_mm (cuBLASLt INT8) and an FP16 matmul when torch has CUDA.
+3. Whole models: zoo models compiled with ``flexiq_tvm.compile(target=cuda)``, each covered
+   layer's accumulator against the oracle at ratios 0 / 0.5 / 1 (as many models as fit in
+   ``--zoo-budget-s``).
 Writes one JSON document. No network is needed.
 """
 
@@ -57,6 +60,42 @@ def run_case(m, n, k, ratio, arch, dev, rng, check, number=5):
     return res
 
 
+def zoo_checks(arch: str, budget_s: float) -> list:
+    """Whole zoo models compiled for this GPU (``flexiq_tvm.compile(target=cuda)``), every
+    covered layer's int32 accumulator against the oracle at ratios 0 / 0.5 / 1 on two test
+    images; models that do not fit in ``budget_s`` are reported as skipped."""
+    import flexiq_tvm
+    from flexiq_tvm.api import oracle_mismatches
+    from flexiq_tvm.config import FlexiQConfig
+    from flexiq_tvm.eval import load_eval_data, zoo_plan
+    from flexiq_tvm.zoo import registry
+
+    out, t_end = [], time.perf_counter() + budget_s
+    for name in ("resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist"):
+        if time.perf_counter() > t_end:
+            out.append({"model": name, "skipped": "time budget"})
+            continue
+        t = time.perf_counter()
+        try:
+            model = registry.get_model(name)
+            cfg = FlexiQConfig(selection="static", calib_images=32, ratios=(0.0, 0.5, 1.0))
+            plan = zoo_plan(name, model, cfg)
+            _, xs, _ = load_eval_data(name, 2)
+            res = {"model": name}
+            cm = flexiq_tvm.compile(model, xs[:1], plan=plan, config=cfg, expose_layers=True,
+                                    target={"kind": "cuda", "arch": arch})
+            res["compile_s"] = time.perf_counter() - t
+            res["mismatches"] = {f"{r:g}": [oracle_mismatches(cm, xs[i : i + 1], r)
+                                            for i in range(2)] for r in cfg.ratios}
+            res["bit_exact"] = all(not m for ms in res["mismatches"].values() for m in ms)
+            res["layers"] = len(cm.layers)
+        except Exception as e:  # report and go on: the other checks still run
+            res = {"model": name, "error": f"{type(e).__name__}: {e}"}
+        out.append(res)
+        print(res, flush=True)
+    return out
+
+
 def torch_peers(m, n, k):
     try:
         import torch
@@ -86,6 +125,8 @@ def torch_peers(m, n, k):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
+    ap.add_argument("--zoo-budget-s", type=float, default=150.0,
+                    help="seconds for the whole-model checks (compile + run)")
     args = ap.parse_args()
     dev = tvm.cuda(0)
     if not dev.exist:
@@ -93,8 +134,11 @@ def main():
     arch = "sm_" + dev.compute_version.replace(".", "")
     rng = np.random.default_rng(0)
     doc = {"device": dev.device_name, "arch": arch, "int4_mma": arch_has_int4_mma(arch),
-           "checks": [], "timings": [], "peers": {},
-           "zoo_models": "not run: compile(target=cuda) for whole models is not built yet"}
+           "checks": [], "timings": [], "peers": {}}
+    def save():  # after every phase: a timeout still leaves what was measured
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+
     for r in (0.0, 0.5, 1.0):
         doc["checks"].append(run_case(512, 256, 1024, r, arch, dev, rng, check=True))
         doc["checks"].append(run_case(64 * 64, 64, 576, r, arch, dev, rng, check=True))
@@ -104,12 +148,14 @@ def main():
             doc["timings"].append(run_case(m, n, k, r, arch, dev, rng, check=False))
             print(doc["timings"][-1], flush=True)
         doc["peers"][f"{m}x{n}x{k}"] = torch_peers(m, n, k)
+        save()
     r0 = next(t for t in doc["timings"] if t["m"] == 4096 and t["ratio"] == 0.0)
     peer = doc["peers"]["4096x4096x4096"].get("torch_int_mm_ms")
     if peer:
         doc["r0_fraction_of_cublaslt_int8"] = peer / r0["median_ms"]
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=2)
+    save()
+    doc["zoo_models"] = zoo_checks(arch, args.zoo_budget_s)
+    save()
     print(json.dumps({k: v for k, v in doc.items() if k != "timings"}, indent=1))
 
 

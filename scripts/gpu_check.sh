@@ -10,4 +10,4 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,compute_cap --format=csv || true
-timeout 280 "$PY" scripts/gpu_check.py --json "$OUT/gpu_check.json"
+timeout 290 "$PY" scripts/gpu_check.py --json "$OUT/gpu_check.json" --zoo-budget-s 150

@@ -78,3 +78,179 @@ def test_cuda_compiles_to_tensor_core_mma(arch, tmp_path):
     if not int4:  # Hopper: the 4-bit block runs as a second int8 MMA stream
         assert ptx.count(mma8) >= 2
     assert bytes(cubin[:4]) == b"\x7fELF" and len(cubin) > 1000
+
+
+# ----------------------------------------------------------------- whole models (CUDA lowering)
+
+
+def _conv_case(signed, seed):
+    """An NCHW input, a layer's weights and shifts, and its im2col codes as the oracle has
+    them (stride 1x2, padding 1, 3x3 taps)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w, o = 2, 12, 7, 6, 10
+    x = (rng.standard_normal((n, c, h, w)) * 2).astype(np.float32)
+    x = x if signed else np.abs(x)
+    codes = rng.integers(-127, 128, (o, c, 9)).astype(np.int8)
+    sa, sw = rng.integers(0, 5, c).astype(np.int32), rng.integers(0, 5, c).astype(np.int32)
+    low = np.zeros(c, bool)
+    low[rng.permutation(c)[:5]] = True
+    inv = float(np.float32(1 / 0.03))
+    q = np.pad(ref.quantize_act(x, np.float32(inv), signed), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    cols = np.stack([q[:, :, i : i + 7, j : j + 5 : 2] for i in range(3) for j in range(3)], -1)
+    qa = cols.transpose(0, 2, 3, 1, 4).reshape(n * 7 * 3, c * 9)  # rows: pixels; k = c*9 + tap
+    conv = dict(kh=3, kw=3, stride=(1, 2), dilation=(1, 1), pad=(1, 1), oh=7, ow=3)
+    return x, codes, sa, sw, low, inv, qa, conv
+
+
+@pytest.mark.parametrize("int4_mma", [True, False])
+@pytest.mark.parametrize("signed", [False, True])
+def test_pack_activations_writes_the_kernel_words_and_the_gemm_equals_the_oracle(int4_mma,
+                                                                                  signed):
+    import tvm
+    from flexiq_tvm.schedules.cuda import lower
+
+    x, codes, sa, sw, low, inv, qa, conv = _conv_case(signed, seed=int(int4_mma) + 2 * signed)
+    m = qa.shape[0]
+    lay = lower.gemm_layout(codes, low, sa, sw, int4_mma, m)
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(np.asarray(a), dev)  # noqa: E731
+    a8 = t(np.zeros((lay.m, lay.w8_words), np.uint32))
+    a4 = t(np.zeros((lay.m, lay.w4_words), np.uint32))
+    f = lower.pack_activations(lay, x.shape, conv, inv, signed, exact=False)
+    pk = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                     target="llvm")
+    pk["main"](t(x), t(lay.src8), t(lay.src4), t(lay.sa4), a8, a4)
+    # the words pack() lays out from the oracle's own codes
+    lowk = np.repeat(low, 9)
+    sak, swk = np.repeat(sa, 9), np.repeat(sw, 9)
+    w = codes.reshape(codes.shape[0], -1)
+    pad = lambda a, rows: np.pad(a, ((0, rows - a.shape[0]), (0, 0)))  # noqa: E731
+    arrays, runs, chunks4, k8p = pack(
+        pad(qa[:, ~lowk], lay.m), pad(w[:, ~lowk], lay.n),
+        pad(ref.extract_bits(qa[:, lowk], sak[lowk], signed), lay.m),
+        pad(ref.extract_bits(w[:, lowk].astype(np.int32), swk[lowk], True), lay.n),
+        (sak + swk)[lowk], int4_mma)
+    got = {"A8": a8.numpy(), "A4": a4.numpy(), "W8": lay.W8, "W4": lay.W4,
+           "run_table": lay.run_table}
+    for key, want in arrays.items():
+        assert np.array_equal(got[key], want), key
+    assert (runs, chunks4, k8p) == (lay.runs, lay.chunks4, lay.k8p)
+    # the GEMM's arithmetic in plain loops (and the fragment emulation) equal the oracle
+    gemm = tvm.compile(tvm.IRModule({"main": lower.reference_gemm(
+        lay.m, lay.n, lay.k8p, lay.runs, lay.chunks4, int4_mma, signed)}), target="llvm")
+    out = t(np.zeros((lay.m, lay.n), np.int32))
+    gemm["main"](a8, t(lay.W8), a4, t(lay.W4), t(lay.run_table), out)
+    want = ref.mixed_matmul(qa, w, lowk, sak, swk, signed)
+    assert np.array_equal(out.numpy()[:m, : w.shape[0]], want)
+    em = emulate(got, lay.m, lay.n, lay.k8p, lay.runs, int4_mma, signed)
+    assert np.array_equal(em[:m, : w.shape[0]], want)
+
+
+def _lowered_on_cpu(name, int4_mma, ratios, static_plan):
+    """A zoo model through the CUDA lowering, built for the CPU with the plain-loop GEMM in
+    place of the tensor-core one (same operands, same run table): a module whose every layer
+    the oracle can check here."""
+    import tvm
+    from flexiq_tvm.schedules.cuda.lower import reference_gemm
+
+    from flexiq_tvm import frontend, transform
+    from flexiq_tvm.api import CompiledModule, CompileReport
+    from flexiq_tvm.eval import load_eval_data
+
+    model, plan = static_plan(name)
+    _, xs, _ = load_eval_data(name, 2)
+    mod = transform.prepare()(frontend.import_model(model, xs[:1]).bound())
+    mod = transform.ReorderChannelBlocks(plan)(transform.AnnotateChannelPrecision(plan)(mod))
+    lowering = transform.QuantizeMixedPrecisionGPU(plan, ratios, int4_mma, gemm=reference_gemm,
+                                                   exact=False, expose_layers=True)
+    ex = tvm.compile(lowering(mod), target="llvm")
+    return CompiledModule(ex, ratios, xs[:1].shape, CompileReport(), plan, expose_layers=True,
+                          layers=lowering.layers), xs
+
+
+def _check_lowering(name, int4_mma, static_plan):
+    from flexiq_tvm.api import oracle_mismatches
+
+    ratios = (0.0, 0.5, 1.0)
+    cm, xs = _lowered_on_cpu(name, int4_mma, ratios, static_plan)
+    assert len(cm.layers) >= 3
+    for r in ratios:
+        for i in range(2):
+            assert oracle_mismatches(cm, xs[i : i + 1], r) == [], (r, i)
+
+
+@pytest.mark.parametrize("int4_mma", [True, False])
+def test_cuda_lowering_of_resnet20_is_oracle_exact_per_layer(int4_mma, static_plan):
+    _check_lowering("resnet20_fmnist", int4_mma, static_plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,int4_mma", [("mobilenetv2_fmnist", True),
+                                           ("mobilenetv2_fmnist", False),
+                                           ("vit_fmnist", True), ("vit_fmnist", False),
+                                           ("swin_fmnist", True)])
+def test_cuda_lowering_of_the_zoo_is_oracle_exact_per_layer(name, int4_mma, static_plan):
+    _check_lowering(name, int4_mma, static_plan)
+
+
+def _compile_for_cuda(arch, static_plan):
+    import flexiq_tvm
+    from flexiq_tvm import FlexiQConfig
+    from flexiq_tvm.eval import load_eval_data
+
+    model, plan = static_plan("resnet20_fmnist")
+    _, xs, _ = load_eval_data("resnet20_fmnist", 1)
+    cfg = FlexiQConfig(selection="static", ratios=(0.0, 1.0))
+    return flexiq_tvm.compile(model, xs, plan=plan, config=cfg,
+                              target={"kind": "cuda", "arch": arch}), xs
+
+
+def _cuda_source(cm) -> str:
+    def mods(m):
+        yield m
+        for i in m.imports:
+            yield from mods(i)
+
+    return next(m for m in mods(cm.executable.mod) if m.kind == "cuda").inspect_source()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", pytest.param("sm_90", marks=pytest.mark.slow)])
+def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan, tmp_path):
+    import tvm
+    from tvm.support import nvcc
+
+    cm, xs = _compile_for_cuda(arch, static_plan)
+    assert cm.ratios == (0.0, 1.0) and cm.metadata["target"]["arch"] == arch
+    assert cm.metadata["target"]["host"]["kind"] == "llvm"
+    assert len(cm.report.covered) == 22  # every conv and the classifier
+    src = _cuda_source(cm)
+    int4 = arch_has_int4_mma(arch)
+    mma8, mma4 = "mma.sync.aligned.m16n8k32.row.col.s32", "mma.sync.aligned.m16n8k64"
+    # every covered layer is a GEMM here (structurally equal kernels are emitted once): at
+    # ratio 0 the 8-bit block on INT8 MMA, at ratio 1 the 4-bit block on s4 MMA (sm_80) or on
+    # INT8 MMA again (sm_90)
+    assert all(not c["grouped"] for c in cm.report.covered)
+    assert mma8 in src and (mma4 in src) == int4
+    assert "__fmul_rn" in src and "__fadd_rn" in src  # quantization never fused into an FMA
+    if not tvm.cuda(0).exist:
+        with pytest.raises(RuntimeError, match="does not have"):
+            cm(xs)
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: CUDA source generated, not compiled")
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        ptx = nvcc.compile_cuda(src, target_format="ptx", arch=arch, compiler="nvcc")
+    ptx = bytes(ptx).decode() if not isinstance(ptx, str) else ptx
+    assert f".target {arch}" in ptx and mma8 in ptx and (mma4 in ptx) == int4
+
+
+@pytest.mark.parametrize("target,msg", [("cuda", "needs its architecture"),
+                                        ({"kind": "cuda"}, "needs its architecture"),
+                                        ({"kind": "cuda", "arch": "sm_75"}, "sm_80 or newer"),
+                                        ("opencl", "available")])
+def test_compile_rejects_a_target_it_cannot_build(target, msg, static_plan):
+    import flexiq_tvm
+
+    model, plan = static_plan("resnet20_fmnist")
+    with pytest.raises(ValueError, match=msg):
+        flexiq_tvm.compile(model, np.zeros((1, 1, 28, 28), np.float32), plan=plan,
+                           target=target)

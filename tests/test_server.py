@@ -155,7 +155,7 @@ def test_malformed_http_gets_a_clear_4xx_and_the_server_lives_on(resnet, data, c
     with InferenceServer(cm, StaticPolicy(0.0)) as srv:
         got, answer = _raw(srv.url, data)
         assert got == code and msg in answer
-        ok, doc = _post(srv.url, json.dumps({"input": xs[0].tolist()}).encode())
+        ok, _ = _post(srv.url, json.dumps({"input": xs[0].tolist()}).encode())
         assert ok == 200 and _get(srv.url, "/metrics")["served"] == 1
 
 

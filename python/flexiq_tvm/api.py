@@ -105,10 +105,13 @@ def compile(model, example_input, calib_data=None, target="llvm",
     calib_data
         float32 calibration images (needed when ``plan`` is None).
     target
-        ``"llvm"`` (this machine's CPU) or ``"flexiq_npu"`` (the simulated FlexiNPU through
+        ``"llvm"`` (this machine's CPU), ``"flexiq_npu"`` (the simulated FlexiNPU through
         BYOC: covered layers with their epilogues and residual adds run as NPU programs, the
         rest on the CPU; one entry function, the ratio is switched by patching the programs'
-        boundary registers).
+        boundary registers), or a CUDA target with its architecture, e.g. ``{"kind":
+        "cuda", "arch": "sm_80"}`` (covered GEMM layers on tensor-core ``mma.sync``, 4-bit
+        block on s4 MMA up to sm_89 and as INT8 MMA on sm_90; grouped convs and the FP32
+        rest on CUDA cores; runs on ``tvm.cuda(0)``, compiles without a GPU).
     config
         :class:`FlexiQConfig` (ratios, selection, ...).
     via
@@ -129,8 +132,10 @@ def compile(model, example_input, calib_data=None, target="llvm",
     from .quantize import quantize
     from .schedules.llvm import KERNELS, PASS_CONFIG, pipeline
 
-    if target not in TARGETS:
-        raise ValueError(f"target={target!r}; available: {TARGETS}")
+    cuda = _cuda_target(target)
+    if cuda is None and target not in TARGETS:
+        raise ValueError(f"target={target!r}; available: {TARGETS} or a CUDA target "
+                         '({"kind": "cuda", "arch": "sm_80"})')
     config = config or FlexiQConfig()
     times = {}
     t0 = time.perf_counter()
@@ -157,14 +162,27 @@ def compile(model, example_input, calib_data=None, target="llvm",
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
-    qpass = transform.QuantizeMixedPrecision(plan, KERNELS, ratios, expose_layers=expose_layers)
+    if cuda is not None:
+        from .schedules.cuda import arch_has_int4_mma
+
+        arch = str(cuda.attrs["arch"])
+        qpass = transform.QuantizeMixedPrecisionGPU(plan, ratios, arch_has_int4_mma(arch),
+                                                    expose_layers=expose_layers)
+    else:
+        qpass = transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
+                                                 expose_layers=expose_layers)
     mod = qpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tgt = tvm.target.Target(frontend.default_llvm_target())
-    db = _database(database)
-    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
+    if cuda is not None:
+        tgt, db, device = cuda, None, tvm.cuda(0)
+        with tvm.transform.PassContext(opt_level=3):
+            ex = tvm.compile(mod, target=tgt)
+    else:
+        tgt, device = tvm.target.Target(frontend.default_llvm_target()), None
+        db = _database(database)
+        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
     int8 = int4 = 0
@@ -187,8 +205,38 @@ def compile(model, example_input, calib_data=None, target="llvm",
     meta = {"target": _target_json(tgt), "database": db,
             "model": plan.model, "via": via, "plan": _plan_summary(plan, ratios),
             "report": report.as_dict()}
-    return CompiledModule(ex, ratios, x.shape, report, plan, expose_layers=expose_layers,
-                          layers=qpass.layers, metadata=json_safe(meta))
+    return CompiledModule(ex, ratios, x.shape, report, plan, device=device,
+                          expose_layers=expose_layers, layers=qpass.layers,
+                          metadata=json_safe(meta))
+
+
+def _cuda_target(target):
+    """The CUDA ``tvm.target.Target`` (with this machine's CPU as host) that ``target`` names,
+    or ``None`` for the other targets; a CUDA target without ``arch`` is an error."""
+    import tvm
+
+    from . import frontend
+
+    if isinstance(target, str) and target in TARGETS:
+        return None
+    try:
+        tgt = tvm.target.Target(target)
+    except Exception:  # not a target description at all
+        return None
+    if tgt.kind.name != "cuda":
+        return None
+    # TVM fills in sm_50 when no GPU is present: the architecture must be the user's
+    given = target.get("arch") if isinstance(target, dict) else (
+        "arch" in target if isinstance(target, str) else True)
+    if not given:
+        raise ValueError('a CUDA target needs its architecture: {"kind": "cuda", "arch": '
+                         '"sm_80"} (sm_80..sm_89 run the 4-bit block on s4 tensor cores, '
+                         "sm_90 as INT8 MMA)")
+    arch = str(tgt.attrs["arch"])
+    if int(arch.split("_")[1].rstrip("a")) < 80:
+        raise ValueError(f"arch {arch}: the tensor-core kernels (mma.sync m16n8k32 INT8) need "
+                         "sm_80 or newer")
+    return tvm.target.Target(tgt, host=tvm.target.Target(frontend.default_llvm_target()))
 
 
 def _plan_summary(plan: QuantPlan, ratios) -> dict:

@@ -70,7 +70,7 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
     def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, w8), "uint32"),
              A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, w4), "uint32"),
              run_table: T.Buffer((runs_n, 3), "int32"), C: T.Buffer((m, n), "int32")):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "tirx.is_scheduled": True})
         for by in T.thread_binding(m // TILE_M, thread="blockIdx.y"):
             for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -124,43 +124,50 @@ def _words(codes: np.ndarray, bits: int) -> np.ndarray:
     return (c << shifts).sum(-1).astype(np.uint32)
 
 
+def layout4(shift4, int4_mma: bool) -> tuple[np.ndarray, list, int]:
+    """Column order of the 4-bit block: its rows sorted (stably) by total shift, each shift's
+    run padded with ``-1`` (a zero row) to whole MMA K-chunks. Returns ``(columns, run table
+    [(first chunk, chunks, shift)], chunks)``; ``columns[j]`` is the 4-bit row in column j."""
+    c4 = chunk4(int4_mma)
+    shift4 = np.asarray(shift4)
+    order = np.argsort(shift4, kind="stable")
+    cols, table, chunk = [], [], 0
+    for s in np.unique(shift4):
+        idx = order[shift4[order] == s]
+        k = -(-len(idx) // c4) * c4
+        cols.append(np.concatenate([idx, np.full(k - len(idx), -1)]))
+        table.append((chunk, k // c4, int(s)))
+        chunk += k // c4
+    return (np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64),
+            table, chunk)
+
+
+def take_columns(codes: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
+    """``codes[:, cols]`` with zero columns where ``cols`` is -1, zero-padded to ``width``."""
+    out = np.zeros((codes.shape[0], width), np.int64)
+    valid = cols >= 0
+    out[:, : len(cols)][:, valid] = codes[:, cols[valid]]
+    return out
+
+
 def pack(a8, w8, a4, w4, shift4, int4_mma: bool):
     """Lay out one mixed GEMM for :func:`mixed_gemm`.
 
     ``a8 (M, K8)``/``w8 (N, K8)``: 8-bit codes of the 8-bit reduction rows; ``a4 (M, K4)``/
     ``w4 (N, K4)``: 4-bit codes of the 4-bit rows; ``shift4 (K4,)``: each 4-bit row's total
     shift. Returns ``(arrays dict, runs, chunks4, k8_padded)``; zero rows pad every run to
-    whole chunks and the 8-bit block to a multiple of 32 (zeros add nothing).
+    whole chunks (:func:`layout4`) and the 8-bit block to a multiple of 32 (zeros add nothing).
     """
-    c4 = chunk4(int4_mma)
-    m, n = a8.shape[0], w8.shape[0]
     k8 = a8.shape[1]
     k8p = -(-k8 // K8_CHUNK) * K8_CHUNK
-    A8 = np.zeros((m, max(k8p, 4)), np.int64)
-    W8 = np.zeros((n, max(k8p, 4)), np.int64)
-    A8[:, :k8], W8[:, :k8] = a8, w8
-    order = np.argsort(np.asarray(shift4), kind="stable")
-    cols_a, cols_w, table, chunk = [], [], [], 0
-    for s in np.unique(shift4):
-        idx = order[np.asarray(shift4)[order] == s]
-        k = -(-len(idx) // c4) * c4
-        blk_a = np.zeros((m, k), np.int64)
-        blk_w = np.zeros((n, k), np.int64)
-        blk_a[:, : len(idx)], blk_w[:, : len(idx)] = a4[:, idx], w4[:, idx]
-        cols_a.append(blk_a)
-        cols_w.append(blk_w)
-        table.append((chunk, k // c4, int(s)))
-        chunk += k // c4
+    cols8 = np.arange(k8)
+    cols4, table, chunk = layout4(shift4, int4_mma)
     bits4 = 4 if int4_mma else 8
-    per4 = 32 // bits4
-    if cols_a:
-        A4 = _words(np.concatenate(cols_a, 1), bits4)
-        W4 = _words(np.concatenate(cols_w, 1), bits4)
-    else:
-        A4 = np.zeros((m, 1), np.uint32)
-        W4 = np.zeros((n, 1), np.uint32)
-    assert A4.shape[1] in (1, chunk * c4 // per4)
-    arrays = {"A8": _words(A8, 8), "W8": _words(W8, 8), "A4": A4, "W4": W4,
+    w4_words = max(chunk * chunk4(int4_mma) * bits4 // 32, 1)
+    arrays = {"A8": _words(take_columns(np.asarray(a8), cols8, max(k8p, 4)), 8),
+              "W8": _words(take_columns(np.asarray(w8), cols8, max(k8p, 4)), 8),
+              "A4": _words(take_columns(np.asarray(a4), cols4, w4_words * 32 // bits4), bits4),
+              "W4": _words(take_columns(np.asarray(w4), cols4, w4_words * 32 // bits4), bits4),
               "run_table": np.array(table or [(0, 0, 0)], np.int32)}
     return arrays, len(table), chunk, k8p
 

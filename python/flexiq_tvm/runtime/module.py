@@ -78,7 +78,8 @@ class FlexiQModule:
         self._switch = self.metadata.get("ratio_switch")
         self._device_lock = threading.Lock()
         self._loaded_ratio = None
-        self._vm()  # fail early if an entry function is missing
+        if self.device.exist:  # fail early if an entry function is missing
+            self._vm()
         self._switch_fn = (self.library_function(self._switch["function"]) if self._switch
                            else None)
         if self._switch:
@@ -126,6 +127,11 @@ class FlexiQModule:
         funcs = getattr(self._local, "funcs", None)
         if funcs is None:
             from tvm import relax
+
+            if not self.device.exist:
+                raise RuntimeError(f"this module runs on {self.device}, which this machine "
+                                   "does not have (it was compiled for "
+                                   f"{self.metadata.get('target', '?')})")
 
             vm = relax.VirtualMachine(self.executable, self.device)
             if self._switch and self._switch.get("entry"):

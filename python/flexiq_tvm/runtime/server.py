@@ -86,7 +86,7 @@ def worker_profile(module, threads: int | None = None, repeat: int = 30) -> dict
 
 
 class _Request:
-    __slots__ = ("fut", "loop", "ratio", "result", "error", "t_in", "t_start", "x")
+    __slots__ = ("error", "fut", "loop", "ratio", "result", "t_in", "t_start", "x")
 
     def __init__(self, x: np.ndarray, ratio: float | None, loop, fut) -> None:
         self.x, self.ratio, self.loop, self.fut = x, ratio, loop, fut

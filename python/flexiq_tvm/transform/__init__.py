@@ -12,6 +12,7 @@ from tvm import relax
 from ._graph import strip_composites
 from .annotate_channel_precision import AnnotateChannelPrecision
 from .quantize_mixed_precision import QuantizeMixedPrecision, variant_name
+from .quantize_mixed_precision_gpu import QuantizeMixedPrecisionGPU
 from .reorder_channel_blocks import ReorderChannelBlocks
 
 
@@ -30,6 +31,7 @@ def prepare() -> tvm.transform.Pass:
 __all__ = [
     "AnnotateChannelPrecision",
     "QuantizeMixedPrecision",
+    "QuantizeMixedPrecisionGPU",
     "ReorderChannelBlocks",
     "prepare",
     "strip_composites",

@@ -74,8 +74,7 @@ class _Layer:
         self.n_max = max(lp.n_low.values())
 
 
-@tvm.transform.module_pass(opt_level=0, name="QuantizeMixedPrecision")
-class QuantizeMixedPrecision:
+class MixedPrecisionLowering:
     """Replace the composites by mixed-precision kernels; one entry per ratio.
 
     Parameters
@@ -277,3 +276,7 @@ class QuantizeMixedPrecision:
             relax.TensorType(shape, "int32")))
         return relax.call_tir(gvs["deq"], (acc, consts["mult"]),
                               relax.TensorType(layer.y_shape, "float32")), acc
+
+
+QuantizeMixedPrecision = tvm.transform.module_pass(opt_level=0, name="QuantizeMixedPrecision")(
+    MixedPrecisionLowering)

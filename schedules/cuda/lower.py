@@ -1,0 +1,305 @@
+"""The kernels around :func:`~.mixed.mixed_gemm` that make a whole model run on CUDA.
+
+Per covered GEMM layer (conv as an implicit GEMM, or linear) and ratio:
+
+* :func:`gemm_layout` (host, at compile time): which reduction rows ``k = c * KK + tap`` go
+  to the 8-bit block and which to the 4-bit block (sorted into one run per total shift,
+  :func:`~.mixed.layout4`), the weight words and the run table.
+* :func:`pack_activations`: quantizes the layer's FP32 input and writes the kernel's
+  activation words directly (im2col, 8-bit codes four per word, 4-bit codes eight per word,
+  or four on sm_90) from the row tables of :func:`gemm_layout`.
+* :func:`dequantize_rows`: the int32 ``(M, N)`` product back to the layer's FP32 output.
+
+Grouped and depthwise convs have no tensor-core form: :func:`quantize_effective` writes each
+channel's 8-bit-scale value (``q``, or ``extract_bits(q) << sa`` on a 4-bit channel) and
+:func:`grouped_conv` multiplies it with the weights' (``w``, or ``extract_bits(w) << sw``).
+That is the oracle's sum exactly: ``(a4 << sa) (w4 << sw) = (a4 w4) << (sa + sw)``.
+
+These kernels are plain TensorIR; the CUDA pipeline's dlight rules bind their threads.
+``exact=True`` (the CUDA build) computes ``x * inv + 0.5`` with ``__fmul_rn`` and
+``__fadd_rn``, which nvcc never fuses into an FMA, so the codes equal the oracle's float32
+arithmetic (an FMA rounds once and can move a value across ``.5``). :func:`reference_gemm` is
+:func:`~.mixed.mixed_gemm`'s arithmetic in plain loops, for checking the whole lowering on a
+CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from flexiq_tvm.reference import act_range, extract_bits
+
+from .mixed import K8_CHUNK, TILE_M, TILE_N, _words, chunk4, layout4, take_columns
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+class GemmLayout:
+    """Host side of one layer's mixed GEMM at one ratio (see :func:`gemm_layout`)."""
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+def gemm_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarray,
+                int4_mma: bool, m: int) -> GemmLayout:
+    """Split one layer's reduction rows for :func:`~.mixed.mixed_gemm`.
+
+    ``codes (O, C, KK)``: INT8 weight codes (reordered channels, taps flattened); ``low (C,)``:
+    the 4-bit channels at this ratio; ``sa``/``sw (C,)``: extraction shifts; ``m``: output
+    rows (pixels). Row ``k = c * KK + tap``. Returns the padded sizes, the kernel's weight
+    words and run table, and the activation row tables ``src8``/``src4`` (row ``k`` or -1)
+    and ``sa4`` that :func:`pack_activations` reads.
+    """
+    o, c, kk = codes.shape
+    lowk = np.repeat(np.asarray(low, bool), kk)
+    rows8, rows4 = np.flatnonzero(~lowk), np.flatnonzero(lowk)
+    chan4 = rows4 // kk
+    shift4 = (sa.astype(np.int64) + sw)[chan4]
+    cols4, table, chunks4 = layout4(shift4, int4_mma)
+    k8p = _round_up(len(rows8), K8_CHUNK)
+    per4 = 8 if int4_mma else 4
+    w8 = max(k8p // 4, 1)
+    w4 = max(chunks4 * chunk4(int4_mma) // per4, 1)
+    n = _round_up(o, TILE_N)
+    wk = np.zeros((n, c * kk), np.int64)
+    wk[:o] = codes.reshape(o, c * kk)
+    w4codes = extract_bits(wk[:, rows4].astype(np.int32), sw[chan4], True)
+    src8 = np.full(w8 * 4, -1, np.int32)
+    src8[: len(rows8)] = rows8
+    src4 = np.full(w4 * per4, -1, np.int32)
+    sa4 = np.zeros(w4 * per4, np.int32)
+    valid = cols4 >= 0
+    src4[: len(cols4)][valid] = rows4[cols4[valid]]
+    sa4[: len(cols4)][valid] = sa[chan4[cols4[valid]]]
+    return GemmLayout(
+        m=_round_up(m, TILE_M), n=n, k8p=k8p, runs=len(table), chunks4=chunks4,
+        w8_words=w8, w4_words=w4, int4_mma=int4_mma,
+        W8=_words(take_columns(wk, rows8, w8 * 4), 8),
+        W4=_words(take_columns(w4codes, cols4, w4 * per4), 32 // per4),
+        run_table=np.array(table or [(0, 0, 0)], np.int32),
+        src8=src8, src4=src4, sa4=sa4)
+
+
+def _quantize(v, inv: float, signed: bool, exact: bool):
+    """8-bit code of an FP32 value: ``clip(floor(v * inv + 0.5))`` in float32 steps."""
+    inv = tirx.FloatImm("float32", inv)
+    half = tirx.FloatImm("float32", 0.5)
+    if exact:
+        t = tirx.call_pure_extern("float32", "__fadd_rn",
+                                  tirx.call_pure_extern("float32", "__fmul_rn", v, inv), half)
+    else:
+        t = v * inv + half
+    lo, hi = act_range(signed, 8)
+    return tirx.Cast("int32", tirx.max(tirx.min(tirx.floor(t), float(hi)), float(lo)))
+
+
+def _extract(q, sh, signed: bool):
+    """``clip((q + 2**(sh-1)) >> sh)`` in the 4-bit range (the oracle's extract_bits)."""
+    half = tirx.if_then_else(sh > 0, tirx.shift_left(1, tirx.max(sh - 1, 0)), 0)
+    lo, hi = act_range(signed, 4)
+    return tirx.max(tirx.min(tirx.shift_right(q + half, sh), hi), lo)
+
+
+def _prim(tensors, name: str) -> tirx.PrimFunc:
+    """A PrimFunc of TE tensors (no global symbol: the module that adds it names it)."""
+    del name  # documents the kernel at its call site
+    # opaque to FuseOps: FuseTIR cannot merge these (their buffers meet other ops' under one
+    # Relax var), and the CUDA pipeline's dlight rules schedule each one alone
+    return te.create_prim_func(tensors).without_attr("global_symbol").with_attr(
+        "op_pattern", 8)
+
+
+def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: float,
+                     signed: bool, exact: bool) -> tirx.PrimFunc:
+    """``main(x, src8, src4, sa4, A8w, A4w)``: the layer's input quantized and laid out as
+    :func:`~.mixed.mixed_gemm`'s activation words.
+
+    ``x`` is NCHW (``conv`` = dict of ``kh, kw, stride, dilation, pad (top, left), oh, ow``)
+    or ``(M, C)`` rows of a linear layer (``conv`` None). Rows past ``M`` and padding taps
+    are zero codes."""
+    per4 = 8 if layout.int4_mma else 4
+    bits4 = 32 // per4
+    x = te.placeholder(x_shape, "float32", "x")
+    src8 = te.placeholder((layout.w8_words * 4,), "int32", "src8")
+    src4 = te.placeholder((layout.w4_words * per4,), "int32", "src4")
+    sa4 = te.placeholder((layout.w4_words * per4,), "int32", "sa4")
+    if conv:
+        nb, _, h, w = x_shape
+        kk, kw, p = conv["kh"] * conv["kw"], conv["kw"], conv["oh"] * conv["ow"]
+        rows = nb * p
+    else:
+        rows = x_shape[0]
+        kk = 1
+
+    def code(m, s):
+        ok = tirx.all(s >= 0, m < rows)
+        s_, m_ = tirx.max(s, 0), tirx.min(m, rows - 1)
+        ch = s_ // kk
+        if conv:
+            t = s_ % kk
+            n, pix = m_ // p, m_ % p
+            ih = (pix // conv["ow"]) * conv["stride"][0] - conv["pad"][0] + (t // kw) * conv[
+                "dilation"][0]
+            iw = (pix % conv["ow"]) * conv["stride"][1] - conv["pad"][1] + (t % kw) * conv[
+                "dilation"][1]
+            ok = tirx.all(ok, ih >= 0, ih < h, iw >= 0, iw < w)
+            v = x[n, ch, tirx.min(tirx.max(ih, 0), h - 1), tirx.min(tirx.max(iw, 0), w - 1)]
+        else:
+            v = x[m_, ch]
+        return tirx.if_then_else(ok, _quantize(v, inv, signed, exact), 0)
+
+    def word8(m, wd):
+        out = tirx.const(0, "uint32")
+        for j in range(4):
+            b = tirx.Cast("uint32", tirx.bitwise_and(code(m, src8[wd * 4 + j]), 255))
+            out = out | tirx.shift_left(b, tirx.const(8 * j, "uint32"))
+        return out
+
+    def word4(m, wd):
+        out = tirx.const(0, "uint32")
+        for j in range(per4):
+            i = wd * per4 + j
+            v = _extract(code(m, src4[i]), sa4[i], signed)
+            b = tirx.Cast("uint32", tirx.bitwise_and(v, (1 << bits4) - 1))
+            out = out | tirx.shift_left(b, tirx.const(bits4 * j, "uint32"))
+        return out
+
+    a8 = te.compute((layout.m, layout.w8_words), word8, "A8w")
+    a4 = te.compute((layout.m, layout.w4_words), word4, "A4w")
+    return _prim([x, src8, src4, sa4, a8, a4], "pack_activations")
+
+
+def dequantize_rows(layout: GemmLayout, y_shape: tuple, conv: bool) -> tirx.PrimFunc:
+    """``main(C, mult, y)``: ``y = float(C[pixel, o]) * mult[o]`` in the layer's output shape
+    (NCHW for a conv, ``(..., O)`` for a linear layer)."""
+    acc = te.placeholder((layout.m, layout.n), "int32", "C")
+    o = y_shape[1] if conv else y_shape[-1]
+    mult = te.placeholder((o,), "float32", "mult")
+    if conv:
+        _, _, oh, ow = y_shape
+        y = te.compute(y_shape, lambda n, c, i, j: tirx.Cast(
+            "float32", acc[(n * oh + i) * ow + j, c]) * mult[c], "y")
+    else:
+        lead = y_shape[:-1]
+
+        def f(*idx):
+            m = 0
+            for d, i in zip(lead, idx[:-1], strict=True):
+                m = m * d + i
+            return tirx.Cast("float32", acc[m, idx[-1]]) * mult[idx[-1]]
+
+        y = te.compute(y_shape, f, "y")
+    return _prim([acc, mult, y], "dequantize_rows")
+
+
+def accumulator_view(layout: GemmLayout, batch: int, o: int, pixels: int,
+                     conv: bool) -> tirx.PrimFunc:
+    """``main(C, acc)``: the product in the layout the oracle checks read, ``(N, O, P)`` for a
+    conv and ``(1, M, O)`` for a linear layer."""
+    c = te.placeholder((layout.m, layout.n), "int32", "C")
+    if conv:
+        acc = te.compute((batch, o, pixels), lambda n, k, p: c[n * pixels + p, k], "acc")
+    else:
+        acc = te.compute((1, pixels, o), lambda _, m, k: c[m, k], "acc")
+    return _prim([c, acc], "accumulator_view")
+
+
+def quantize_effective(x_shape: tuple, pad: tuple, inv: float, signed: bool,
+                       exact: bool) -> tirx.PrimFunc:
+    """``main(x, shift, q)``: zero-padded NCHW codes at the 8-bit scale; channel ``c`` is
+    4-bit where ``shift[c] >= 0`` (then ``extract_bits(q, shift) << shift``)."""
+    n, c, h, w = x_shape
+    top, bottom, left, right = pad
+    x = te.placeholder(x_shape, "float32", "x")
+    shift = te.placeholder((c,), "int32", "shift")
+
+    def f(b, ch, i, j):
+        ih, iw = i - top, j - left
+        ok = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        q = _quantize(x[b, ch, tirx.min(tirx.max(ih, 0), h - 1),
+                        tirx.min(tirx.max(iw, 0), w - 1)], inv, signed, exact)
+        sh = shift[ch]
+        v = tirx.if_then_else(sh >= 0, tirx.shift_left(_extract(q, tirx.max(sh, 0), signed),
+                                                        tirx.max(sh, 0)), q)
+        return tirx.if_then_else(ok, v, 0)
+
+    q = te.compute((n, c, h + top + bottom, w + left + right), f, "q")
+    return _prim([x, shift, q], "quantize_effective")
+
+
+def grouped_conv(q_shape: tuple, w_shape: tuple, stride: tuple, dilation: tuple,
+                 out_hw: tuple, groups: int) -> tirx.PrimFunc:
+    """``main(q, w, acc)``: int32 grouped conv of effective codes with effective weights."""
+    n = q_shape[0]
+    o, cg, kh, kw = w_shape
+    og = o // groups
+    q = te.placeholder(q_shape, "int32", "q")
+    w = te.placeholder(w_shape, "int32", "w")
+    rc = te.reduce_axis((0, cg), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    acc = te.compute(
+        (n, o, *out_hw),
+        lambda b, k, i, j: te.sum(
+            q[b, (k // og) * cg + rc, i * stride[0] + ry * dilation[0],
+              j * stride[1] + rx * dilation[1]] * w[k, rc, ry, rx], axis=[rc, ry, rx]),
+        "acc")
+    return _prim([q, w, acc], "grouped_conv")
+
+
+def dequantize_nchw(shape: tuple) -> tirx.PrimFunc:
+    """``main(acc, mult, y)``: ``y = float(acc) * mult[channel]`` (NCHW)."""
+    acc = te.placeholder(shape, "int32", "acc")
+    mult = te.placeholder((shape[1],), "float32", "mult")
+    y = te.compute(shape, lambda b, k, i, j: tirx.Cast("float32", acc[b, k, i, j]) * mult[k],
+                   "y")
+    return _prim([acc, mult, y], "dequantize_nchw")
+
+
+def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
+                   act_signed: bool = False) -> tirx.PrimFunc:
+    """:func:`~.mixed.mixed_gemm`'s signature and arithmetic in plain loops (any target):
+    unpack the words, multiply, and shift each run's partial sum into the result."""
+    per4 = 8 if int4_mma else 4
+    bits4 = 32 // per4
+    w8, w4 = max(k8 // 4, 1), max(chunks4 * chunk4(int4_mma) // per4, 1)
+    words4 = chunk4(int4_mma) // per4
+    runs_n = max(runs, 1)
+
+    def field(word, j, bits, signed):
+        v = T.bitwise_and(T.shift_right(word, T.uint32(j * bits)), T.uint32((1 << bits) - 1))
+        v = T.Cast("int32", v)
+        return T.if_then_else(v >= (1 << (bits - 1)), v - (1 << bits), v) if signed else v
+
+    @T.prim_func(s_tir=True)
+    def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, w8), "uint32"),
+             A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, w4), "uint32"),
+             run_table: T.Buffer((runs_n, 3), "int32"), C: T.Buffer((m, n), "int32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for i in T.parallel(m):
+            for j in range(n):
+                acc = T.alloc_buffer((1,), "int32", scope="local")
+                part = T.alloc_buffer((1,), "int32", scope="local")
+                acc[0] = 0
+                for wd in range(k8 // 4):
+                    for b in T.unroll(4):
+                        acc[0] = acc[0] + field(A8[i, wd], b, 8, act_signed) * field(
+                            W8[j, wd], b, 8, True)
+                for r in range(runs):
+                    part[0] = 0
+                    for kc in range(run_table[r, 1]):
+                        for wd in range(words4):
+                            for b in T.unroll(per4):
+                                part[0] = part[0] + field(
+                                    A4[i, (run_table[r, 0] + kc) * words4 + wd], b, bits4,
+                                    act_signed) * field(
+                                    W4[j, (run_table[r, 0] + kc) * words4 + wd], b, bits4, True)
+                    acc[0] = acc[0] + T.shift_left(part[0], run_table[r, 2])
+                C[i, j] = acc[0]
+
+    return main
