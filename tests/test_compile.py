@@ -45,7 +45,8 @@ def test_resnet20_bit_exact_and_equal_to_fakequant(plans, via):
     _check_model(plans, "resnet20_fmnist", via, 40)
 
 
-@pytest.mark.parametrize("name,batch", [("resnet20_fmnist", 3), ("vit_fmnist", 2)])
+@pytest.mark.parametrize("name,batch", [("resnet20_fmnist", 3),
+                                        pytest.param("vit_fmnist", 2, marks=pytest.mark.slow)])
 def test_batched_module_is_bit_exact(plans, name, batch):
     """A module compiled for a batch: the GEMM's register tiles run over the whole batch (a
     parallel task's tiles span images), and a linear layer's rows are tokens x images."""

@@ -254,3 +254,23 @@ def test_compile_rejects_a_target_it_cannot_build(target, msg, static_plan):
     with pytest.raises(ValueError, match=msg):
         flexiq_tvm.compile(model, np.zeros((1, 1, 28, 28), np.float32), plan=plan,
                            target=target)
+
+
+def test_cuda_tuning_tasks_leave_the_tensor_core_gemm_alone(static_plan):
+    from flexiq_tvm import tune
+    from flexiq_tvm.eval import load_eval_data
+
+    model, plan = static_plan("resnet20_fmnist")
+    _, xs, _ = load_eval_data("resnet20_fmnist", 1)
+    mod, target = tune.lowered(model, xs, plan, (0.0, 1.0),
+                               target={"kind": "cuda", "arch": "sm_90"})
+    assert target.kind.name == "cuda" and str(target.attrs["arch"]) == "sm_90"
+    tasks, skipped = tune.tunable_tasks(mod, target)
+    names = [t.task_name for t in tasks]
+    assert skipped and all("gemm" in s for s in skipped)  # hand-scheduled, never tuned
+    assert any("pack" in n for n in names) and any("deq" in n for n in names)
+    import tvm
+
+    if not tvm.cuda(0).exist:  # measuring needs a GPU: here or behind an RPC tracker
+        with pytest.raises(ValueError, match="this machine has none"):
+            tune.tune("resnet20_fmnist", trials=1, target={"kind": "cuda", "arch": "sm_90"})

@@ -123,8 +123,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
         :class:`flexiq_tvm.target.npu.NPUConfig` for ``target="flexiq_npu"`` (default one).
     database
         MetaSchedule records for the non-FlexiQ PrimFuncs (``flexiq-tvm tune``): ``"auto"``
-        applies ``schedules/llvm/tuned`` when it exists, a path applies that work dir,
-        ``None`` none. The report's ``times_s`` notes which was used.
+        applies ``schedules/llvm/tuned`` (``schedules/cuda/tuned`` for CUDA) when it exists,
+        a path applies that work dir, ``None`` none. The report's ``times_s`` notes which was used.
     """
     import tvm
 
@@ -175,9 +175,11 @@ def compile(model, example_input, calib_data=None, target="llvm",
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cuda is not None:
-        tgt, db, device = cuda, None, tvm.cuda(0)
+        from .schedules.cuda import pipeline as cuda_pipeline
+
+        tgt, db, device = cuda, _database(database, "cuda"), tvm.cuda(0)
         with tvm.transform.PassContext(opt_level=3):
-            ex = tvm.compile(mod, target=tgt)
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=cuda_pipeline.pipeline(tgt, db))
     else:
         tgt, device = tvm.target.Target(frontend.default_llvm_target()), None
         db = _database(database)
@@ -246,8 +248,9 @@ def _plan_summary(plan: QuantPlan, ratios) -> dict:
             "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}}
 
 
-def _database(database):
-    """The tuning work dir to apply, or ``None``."""
+def _database(database, kind: str = "llvm"):
+    """The tuning work dir to apply (``"auto"``: ``schedules/<kind>/tuned`` if present), or
+    ``None``."""
     from pathlib import Path
 
     from .tune import database_exists, default_database
@@ -255,7 +258,7 @@ def _database(database):
     if database is None:
         return None
     if database == "auto":
-        d = default_database("llvm")
+        d = default_database(kind)
         return str(d) if database_exists(d) else None
     if not database_exists(database):
         raise ValueError(f"database={database!r}: no MetaSchedule database there (run "

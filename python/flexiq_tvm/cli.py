@@ -120,8 +120,19 @@ def cmd_compile(args) -> int:
     from .plan import QuantPlan
 
     plan = QuantPlan.load(args.plan) if args.plan else None
+    target = args.target
+    if target == "cuda":
+        import tvm
+
+        if not args.arch:
+            raise ValueError("--target cuda needs --arch (e.g. sm_80, sm_90)")
+        if not tvm.cuda(0).exist:
+            raise ValueError("--target cuda measures on a GPU and this machine has none; "
+                             "flexiq_tvm.compile(..., target={'kind': 'cuda', 'arch': ...}) "
+                             "builds without one")
+        target = {"kind": "cuda", "arch": args.arch}
     res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
-                              n_images=args.limit, finetuned=args.finetuned, target=args.target)
+                              n_images=args.limit, finetuned=args.finetuned, target=target)
     print_compiled(res)
     if args.json:
         doc = {k: v for k, v in res.items() if k != "report"}
@@ -275,13 +286,16 @@ def cmd_finetune(args) -> int:
 def cmd_tune(args) -> int:
     from .tune import RPCConfig, tune
 
-    if args.target != "llvm":
-        raise ValueError(f"--target {args.target}: tuning is available for llvm")
+    target = "llvm"
+    if args.target == "cuda":
+        if not args.arch:
+            raise ValueError("--target cuda needs --arch (e.g. sm_90)")
+        target = {"kind": "cuda", "arch": args.arch}
     rpc = RPCConfig.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     if args.rpc_key and not args.rpc_tracker:
         raise ValueError("--rpc-key needs --rpc-tracker HOST:PORT")
     res = tune(args.model, trials=args.trials, work_dir=args.work_dir, rpc=rpc,
-               max_trials_per_task=args.trials_per_task)
+               max_trials_per_task=args.trials_per_task, target=target)
     done = [t for t in res["tasks"] if t["best_us"] is not None]
     print(f"{args.model}: {len(res['tasks'])} tasks tuned ({res['skipped_flexiq_kernels']} "
           f"FlexiQ kernels are hand-scheduled), {res['trials']} trials in {res['seconds']:.0f} s"
@@ -371,8 +385,10 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     c.add_argument("--selection", default="static",
                    choices=("static", "greedy", "evolutionary", "random"))
     c.add_argument("--via", default="torch.export", choices=("torch.export", "onnx"))
-    c.add_argument("--target", default="llvm", choices=("llvm", "flexiq_npu"),
-                   help="llvm (this CPU) or flexiq_npu (the simulated NPU through BYOC)")
+    c.add_argument("--target", default="llvm", choices=("llvm", "flexiq_npu", "cuda"),
+                   help="llvm (this CPU), flexiq_npu (the simulated NPU through BYOC) or cuda "
+                   "(this machine's GPU, with --arch)")
+    c.add_argument("--arch", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90)")
     c.add_argument("--limit", type=int, default=1000, help="test images per ratio")
     c.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     c.set_defaults(func=cmd_compile)
@@ -474,11 +490,12 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                         "database (default schedules/llvm/tuned) that `compile` applies. With "
                         "--rpc-tracker, candidates run on the devices registered under --rpc-key.")
     tu.add_argument("--model", required=True, choices=_models())
-    tu.add_argument("--target", default="llvm", choices=("llvm",))
+    tu.add_argument("--target", default="llvm", choices=("llvm", "cuda"))
+    tu.add_argument("--arch", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90)")
     tu.add_argument("--trials", type=int, default=64, help="measured candidates (default 64)")
     tu.add_argument("--trials-per-task", type=int, default=None)
     tu.add_argument("--work-dir", default=None,
-                    help="database directory (default schedules/llvm/tuned)")
+                    help="database directory (default schedules/<target>/tuned)")
     tu.add_argument("--rpc-tracker", metavar="HOST:PORT",
                     help="measure on remote machines through this TVM RPC tracker")
     tu.add_argument("--rpc-key", metavar="KEY", help="device key the RPC servers registered")

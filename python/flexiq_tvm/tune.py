@@ -1,15 +1,18 @@
 """``flexiq-tvm tune``: MetaSchedule autotuning of what the FlexiQ kernels do not cover.
 
-The mixed INT8/INT4 kernels are hand-scheduled TensorIR templates (``schedules/llvm``, marked
-``flexiq.scheduled``); every other PrimFunc of a compiled model -- the FP32 glue that
+The mixed INT8/INT4 kernels are hand-scheduled TensorIR templates (``schedules/llvm``, and
+the tensor-core GEMM of ``schedules/cuda``, marked ``flexiq.scheduled``); every other PrimFunc
+of a compiled model -- the FP32 glue that
 :class:`~flexiq_tvm.schedules.llvm.ScheduleInjective` otherwise gets, reductions (pooling,
 layer norm, softmax), attention's activation x activation matmuls, layers no plan covers -- is
-a MetaSchedule task. Tuning uses the XGBoost cost model and the evolutionary search; trials
-are measured locally or, with an RPC tracker, on remote machines
+a MetaSchedule task. For CUDA the activation packing, dequantization and grouped convs around
+the tensor-core GEMM are tasks too. Tuning uses the XGBoost cost model and the evolutionary
+search; trials are measured locally or, with an RPC tracker, on remote machines
 (``ms.runner.RPCRunner``). Records go to a JSON database, by default
-``schedules/llvm/tuned/`` (one database per target, shared by the zoo models: a record
-applies wherever its workload appears), which :func:`flexiq_tvm.compile` applies when it
-exists (``relax.transform.MetaScheduleApplyDatabase``, before ScheduleInjective).
+``schedules/<llvm|cuda>/tuned/`` (one database per target kind, shared by the zoo models: a
+record applies wherever its workload appears), which :func:`flexiq_tvm.compile` applies when
+it exists (``relax.transform.MetaScheduleApplyDatabase``, before ScheduleInjective on the CPU
+and before dlight's default GPU schedules on CUDA).
 """
 
 from __future__ import annotations
@@ -83,14 +86,14 @@ def prune(work_dir) -> None:
             os.replace(Path(tmp) / name, work_dir / name)
 
 
-def lowered(model, example_input, plan, ratios, via: str = "torch.export"):
+def lowered(model, example_input, plan, ratios, via: str = "torch.export", target="llvm"):
     """The module ``compile`` would build, after legalization and fusion (the PrimFuncs
-    MetaSchedule sees), and its target."""
+    MetaSchedule sees), and its target (``"llvm"`` or a CUDA target with its arch)."""
     import numpy as np
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from . import frontend, transform
+    from .api import _cuda_target
     from .schedules.llvm import KERNELS
 
     x = np.asarray(example_input, np.float32)
@@ -98,6 +101,17 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export"):
     mod = transform.prepare()(imported.bound())
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
+    cuda = _cuda_target(target)
+    if cuda is not None:
+        from .schedules.cuda import arch_has_int4_mma
+        from .schedules.cuda import pipeline as gpu
+
+        int4 = arch_has_int4_mma(str(cuda.attrs["arch"]))
+        mod = transform.QuantizeMixedPrecisionGPU(plan, ratios, int4)(mod)
+        with cuda:
+            return tvm.transform.Sequential(gpu.fused_passes(cuda))(mod), cuda
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
     mod = transform.QuantizeMixedPrecision(plan, KERNELS, ratios)(mod)
     tgt = tvm.target.Target(frontend.default_llvm_target())
     with tgt:
@@ -123,26 +137,34 @@ def tunable_tasks(mod, target):
 
 def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = None,
          selection: str = "static", seed: int = 0, max_trials_per_task: int | None = None,
-         num_trials_per_iter: int = 16) -> dict:
-    """Tune zoo model ``name``'s non-FlexiQ PrimFuncs for this CPU (``trials`` measured
-    candidates in all); returns a summary (tasks, best times, seconds, database path)."""
+         num_trials_per_iter: int = 16, target="llvm") -> dict:
+    """Tune zoo model ``name``'s non-FlexiQ PrimFuncs (``trials`` measured candidates in all)
+    for this CPU or, with a CUDA ``target`` (``{"kind": "cuda", "arch": "sm_90"}``), for that
+    GPU: measured on this machine's GPU or, with ``rpc``, on the remote ones. Returns a summary
+    (tasks, best times, seconds, database path)."""
     import numpy as np
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    from .api import _cuda_target
     from .config import FlexiQConfig
     from .eval import load_eval_data, zoo_plan
     from .zoo import registry
 
     if trials <= 0:
         raise ValueError(f"trials={trials}; must be positive")
-    work_dir = Path(work_dir) if work_dir is not None else default_database("llvm")
+    kind = "llvm" if _cuda_target(target) is None else "cuda"
+    if kind == "cuda" and rpc is None and not tvm.cuda(0).exist:
+        raise ValueError("tuning for CUDA measures on a GPU: this machine has none; give "
+                         "--rpc-tracker HOST:PORT --rpc-key KEY of GPU machines")
+    work_dir = Path(work_dir) if work_dir is not None else default_database(kind)
     work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = registry.get_model(name)
     cfg = FlexiQConfig(selection=selection, calib_images=32)
     plan = zoo_plan(name, model, cfg)
     _, x, _ = load_eval_data(name, 1)
-    mod, target = lowered(model, x, plan, cfg.ratios)
+    mod, target = lowered(model, x, plan, cfg.ratios, target=target)
     tasks, skipped = tunable_tasks(mod, target)
     if not tasks:
         raise ValueError(f"{name}: nothing to tune (every PrimFunc is a FlexiQ kernel)")

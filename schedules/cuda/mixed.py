@@ -70,7 +70,8 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
     def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, w8), "uint32"),
              A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, w4), "uint32"),
              run_table: T.Buffer((runs_n, 3), "int32"), C: T.Buffer((m, n), "int32")):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "tirx.is_scheduled": True,
+                     "flexiq.scheduled": True})
         for by in T.thread_binding(m // TILE_M, thread="blockIdx.y"):
             for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
