@@ -232,9 +232,15 @@ def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan
     assert all(not c["grouped"] for c in cm.report.covered)
     assert mma8 in src and (mma4 in src) == int4
     assert "__fmul_rn" in src and "__fadd_rn" in src  # quantization never fused into an FMA
-    if not tvm.cuda(0).exist:
-        with pytest.raises(RuntimeError, match="does not have"):
+    if not tvm.cuda(0).exist:  # a clear error, not a crash, on calling or loading it here
+        import flexiq_tvm
+        from flexiq_tvm.runtime import ArtifactError
+
+        with pytest.raises(RuntimeError, match=f"does not have .*compiled for cuda {arch}"):
             cm(xs)
+        path = cm.export(tmp_path / "r20_cuda.flexiq", profile={"0": 1.0, "1": 0.8})
+        with pytest.raises(ArtifactError, match=rf"compiled for CUDA \({arch}\); this machine"):
+            flexiq_tvm.load(path)
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed: CUDA source generated, not compiled")
     with tvm.target.Target({"kind": "cuda", "arch": arch}):
@@ -274,3 +280,4 @@ def test_cuda_tuning_tasks_leave_the_tensor_core_gemm_alone(static_plan):
     if not tvm.cuda(0).exist:  # measuring needs a GPU: here or behind an RPC tracker
         with pytest.raises(ValueError, match="this machine has none"):
             tune.tune("resnet20_fmnist", trials=1, target={"kind": "cuda", "arch": "sm_90"})
+

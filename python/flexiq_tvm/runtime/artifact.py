@@ -122,7 +122,10 @@ def read_verified(path, key=None) -> tuple[dict, bytes]:
         raise ArtifactError(f"{path}: built with TVM {header.get('tvm')}, this runtime has "
                             f"TVM {mine['tvm']}: recompile")
     meta = header.get("metadata", {})
-    lacking = missing_features(meta.get("target")) + missing_features(meta.get("host_target"))
+    target = meta.get("target")
+    host = target.get("host") if isinstance(target, dict) else None
+    lacking = (missing_features(target) + missing_features(meta.get("host_target"))
+               + missing_features(host))
     if lacking:
         raise ArtifactError(f"{path}: compiled for CPU features this machine lacks "
                             f"({', '.join(lacking)}): recompile here, or on the build machine "
@@ -137,6 +140,13 @@ def load(path, key=None, device=None):
     from .module import FlexiQModule
 
     header, payload = read_verified(path, key)
+    target = header.get("metadata", {}).get("target")
+    if isinstance(target, dict) and target.get("kind") == "cuda":
+        if device is None:
+            device = tvm.cuda(0)
+        if not device.exist:  # its library holds CUDA code: loading it needs the runtime
+            raise ArtifactError(f"{path}: compiled for CUDA ({target.get('arch')}); this "
+                                "machine has no CUDA GPU to run it on")
     fd, lib = tempfile.mkstemp(suffix=".so", prefix="flexiq_")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -129,9 +129,11 @@ class FlexiQModule:
             from tvm import relax
 
             if not self.device.exist:
+                tgt = self.metadata.get("target")
+                what = (f"{tgt.get('kind')} {tgt.get('arch', '')}".strip()
+                        if isinstance(tgt, dict) else str(tgt))
                 raise RuntimeError(f"this module runs on {self.device}, which this machine "
-                                   "does not have (it was compiled for "
-                                   f"{self.metadata.get('target', '?')})")
+                                   f"does not have (it was compiled for {what})")
 
             vm = relax.VirtualMachine(self.executable, self.device)
             if self._switch and self._switch.get("entry"):
