@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from flexiq_tvm.schedules.cuda import arch_has_int4_mma, emulate, mixed_gemm, pack
+from flexiq_tvm.schedules.cuda import arch_has_int4_mma, emulate, gemm_path, mixed_gemm, pack
 
 from flexiq_tvm import reference as ref
 
@@ -50,6 +50,10 @@ def test_fragment_layout_emulation_equals_oracle(int4_mma, signed, n_low):
 
 
 def test_arch_table():
+    assert [gemm_path(a) for a in ("sm_61", "sm_75", "sm_80", "sm_89", "sm_90", "sm_90a")] == [
+        "dp4a", "dp4a", "mma_s4", "mma_s4", "mma_s8", "mma_s8"]
+    with pytest.raises(ValueError, match="sm_61 or newer"):
+        gemm_path("sm_52")
     assert [arch_has_int4_mma(a) for a in ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90",
                                            "sm_90a")] == [True, True, True, True, False, False]
 
@@ -146,12 +150,41 @@ def test_pack_activations_writes_the_kernel_words_and_the_gemm_equals_the_oracle
     assert np.array_equal(em[:m, : w.shape[0]], want)
 
 
-def _lowered_on_cpu(name, int4_mma, ratios, static_plan):
+@pytest.mark.parametrize("signed", [False, True])
+def test_dp4a_path_packs_effective_bytes_and_equals_the_oracle(signed):
+    import tvm
+    from flexiq_tvm.schedules.cuda import lower
+
+    x, codes, sa, sw, low, inv, qa, conv = _conv_case(signed, seed=7 + signed)
+    m = qa.shape[0]
+    lay = lower.dp4a_layout(codes, low, sa, sw, m, signed)
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(np.asarray(a), dev)  # noqa: E731
+    f = lower.pack_effective(lay, x.shape, conv, inv, signed, exact=False)
+    pk = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                     target="llvm")
+    words = t(np.zeros((lay.m, lay.kwords), np.int32))
+    pk["main"](t(x), t(lay.shift), words)
+    gemm = tvm.compile(tvm.IRModule({"main": lower.reference_dp4a(lay.m, lay.n, lay.kwords)}),
+                       target="llvm")
+    out = t(np.zeros((lay.m, lay.n), np.int32))
+    gemm["main"](words, t(lay.B), t(lay.corr), out)
+    lowk = np.repeat(low, 9)
+    want = ref.mixed_matmul(qa, codes.reshape(codes.shape[0], -1), lowk, np.repeat(sa, 9),
+                            np.repeat(sw, 9), signed)
+    assert np.array_equal(out.numpy()[:m, : codes.shape[0]], want)
+    # the bytes are the 8-bit-scale values (minus 128 when unsigned), im2col order
+    eff = np.where(lowk, ref.lowered_value(qa, np.repeat(sa, 9), signed), qa)
+    got = words.numpy()[:m].view(np.int8).reshape(m, -1)[:, : qa.shape[1]]
+    assert np.array_equal(got.astype(np.int64), eff - (0 if signed else 128))
+
+
+def _lowered_on_cpu(name, path, ratios, static_plan):
     """A zoo model through the CUDA lowering, built for the CPU with the plain-loop GEMM in
     place of the tensor-core one (same operands, same run table): a module whose every layer
     the oracle can check here."""
     import tvm
-    from flexiq_tvm.schedules.cuda.lower import reference_gemm
+    from flexiq_tvm.schedules.cuda.lower import reference_dp4a, reference_gemm
 
     from flexiq_tvm import frontend, transform
     from flexiq_tvm.api import CompiledModule, CompileReport
@@ -161,36 +194,38 @@ def _lowered_on_cpu(name, int4_mma, ratios, static_plan):
     _, xs, _ = load_eval_data(name, 2)
     mod = transform.prepare()(frontend.import_model(model, xs[:1]).bound())
     mod = transform.ReorderChannelBlocks(plan)(transform.AnnotateChannelPrecision(plan)(mod))
-    lowering = transform.QuantizeMixedPrecisionGPU(plan, ratios, int4_mma, gemm=reference_gemm,
-                                                   exact=False, expose_layers=True)
+    lowering = transform.QuantizeMixedPrecisionGPU(
+        plan, ratios, path, gemm=reference_dp4a if path == "dp4a" else reference_gemm,
+        exact=False, expose_layers=True)
     ex = tvm.compile(lowering(mod), target="llvm")
     return CompiledModule(ex, ratios, xs[:1].shape, CompileReport(), plan, expose_layers=True,
                           layers=lowering.layers), xs
 
 
-def _check_lowering(name, int4_mma, static_plan):
+def _check_lowering(name, path, static_plan):
     from flexiq_tvm.api import oracle_mismatches
 
     ratios = (0.0, 0.5, 1.0)
-    cm, xs = _lowered_on_cpu(name, int4_mma, ratios, static_plan)
+    cm, xs = _lowered_on_cpu(name, path, ratios, static_plan)
     assert len(cm.layers) >= 3
     for r in ratios:
         for i in range(2):
             assert oracle_mismatches(cm, xs[i : i + 1], r) == [], (r, i)
 
 
-@pytest.mark.parametrize("int4_mma", [True, False])
-def test_cuda_lowering_of_resnet20_is_oracle_exact_per_layer(int4_mma, static_plan):
-    _check_lowering("resnet20_fmnist", int4_mma, static_plan)
+@pytest.mark.parametrize("path", ["mma_s4", pytest.param("mma_s8", marks=pytest.mark.slow),
+                                  pytest.param("dp4a", marks=pytest.mark.slow)])
+def test_cuda_lowering_of_resnet20_is_oracle_exact_per_layer(path, static_plan):
+    _check_lowering("resnet20_fmnist", path, static_plan)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,int4_mma", [("mobilenetv2_fmnist", True),
-                                           ("mobilenetv2_fmnist", False),
-                                           ("vit_fmnist", True), ("vit_fmnist", False),
-                                           ("swin_fmnist", True)])
-def test_cuda_lowering_of_the_zoo_is_oracle_exact_per_layer(name, int4_mma, static_plan):
-    _check_lowering(name, int4_mma, static_plan)
+@pytest.mark.parametrize("name,path", [("mobilenetv2_fmnist", "mma_s4"),
+                                       ("mobilenetv2_fmnist", "mma_s8"),
+                                       ("vit_fmnist", "mma_s4"), ("vit_fmnist", "mma_s8"),
+                                       ("vit_fmnist", "dp4a"), ("swin_fmnist", "mma_s4")])
+def test_cuda_lowering_of_the_zoo_is_oracle_exact_per_layer(name, path, static_plan):
+    _check_lowering(name, path, static_plan)
 
 
 def _compile_for_cuda(arch, static_plan):
@@ -214,7 +249,8 @@ def _cuda_source(cm) -> str:
     return next(m for m in mods(cm.executable.mod) if m.kind == "cuda").inspect_source()
 
 
-@pytest.mark.parametrize("arch", ["sm_80", pytest.param("sm_90", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["sm_80", pytest.param("sm_90", marks=pytest.mark.slow),
+                                  pytest.param("sm_75", marks=pytest.mark.slow)])
 def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan, tmp_path):
     import tvm
     from tvm.support import nvcc
@@ -224,13 +260,15 @@ def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan
     assert cm.metadata["target"]["host"]["kind"] == "llvm"
     assert len(cm.report.covered) == 22  # every conv and the classifier
     src = _cuda_source(cm)
-    int4 = arch_has_int4_mma(arch)
+    path = gemm_path(arch)
+    int4 = path == "mma_s4"
     mma8, mma4 = "mma.sync.aligned.m16n8k32.row.col.s32", "mma.sync.aligned.m16n8k64"
     # every covered layer is a GEMM here (structurally equal kernels are emitted once): at
     # ratio 0 the 8-bit block on INT8 MMA, at ratio 1 the 4-bit block on s4 MMA (sm_80) or on
     # INT8 MMA again (sm_90)
     assert all(not c["grouped"] for c in cm.report.covered)
-    assert mma8 in src and (mma4 in src) == int4
+    assert (mma8 in src) == (path != "dp4a") and (mma4 in src) == int4
+    assert ("__dp4a" in src) == (path == "dp4a")
     assert "__fmul_rn" in src and "__fadd_rn" in src  # quantization never fused into an FMA
     if not tvm.cuda(0).exist:  # a clear error, not a crash, on calling or loading it here
         import flexiq_tvm
@@ -238,20 +276,21 @@ def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan
 
         with pytest.raises(RuntimeError, match=f"does not have .*compiled for cuda {arch}"):
             cm(xs)
-        path = cm.export(tmp_path / "r20_cuda.flexiq", profile={"0": 1.0, "1": 0.8})
+        art = cm.export(tmp_path / "r20_cuda.flexiq", profile={"0": 1.0, "1": 0.8})
         with pytest.raises(ArtifactError, match=rf"compiled for CUDA \({arch}\); this machine"):
-            flexiq_tvm.load(path)
+            flexiq_tvm.load(art)
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed: CUDA source generated, not compiled")
     with tvm.target.Target({"kind": "cuda", "arch": arch}):
         ptx = nvcc.compile_cuda(src, target_format="ptx", arch=arch, compiler="nvcc")
     ptx = bytes(ptx).decode() if not isinstance(ptx, str) else ptx
-    assert f".target {arch}" in ptx and mma8 in ptx and (mma4 in ptx) == int4
+    assert f".target {arch}" in ptx and (mma8 in ptx) == (path != "dp4a")
+    assert (mma4 in ptx) == int4 and ("dp4a.s32.s32" in ptx) == (path == "dp4a")
 
 
 @pytest.mark.parametrize("target,msg", [("cuda", "needs its architecture"),
                                         ({"kind": "cuda"}, "needs its architecture"),
-                                        ({"kind": "cuda", "arch": "sm_75"}, "sm_80 or newer"),
+                                        ({"kind": "cuda", "arch": "sm_52"}, "sm_61 or newer"),
                                         ("opencl", "available")])
 def test_compile_rejects_a_target_it_cannot_build(target, msg, static_plan):
     import flexiq_tvm

@@ -109,9 +109,10 @@ def compile(model, example_input, calib_data=None, target="llvm",
         BYOC: covered layers with their epilogues and residual adds run as NPU programs, the
         rest on the CPU; one entry function, the ratio is switched by patching the programs'
         boundary registers), or a CUDA target with its architecture, e.g. ``{"kind":
-        "cuda", "arch": "sm_80"}`` (covered GEMM layers on tensor-core ``mma.sync``, 4-bit
-        block on s4 MMA up to sm_89 and as INT8 MMA on sm_90; grouped convs and the FP32
-        rest on CUDA cores; runs on ``tvm.cuda(0)``, compiles without a GPU).
+        "cuda", "arch": "sm_80"}`` (covered GEMM layers on tensor-core ``mma.sync`` from
+        sm_80, the 4-bit block on s4 MMA up to sm_89 and as INT8 MMA on sm_90, on dp4a for
+        sm_61..sm_75; grouped convs and the FP32 rest on CUDA cores; runs on
+        ``tvm.cuda(0)``, compiles without a GPU).
     config
         :class:`FlexiQConfig` (ratios, selection, ...).
     via
@@ -163,10 +164,10 @@ def compile(model, example_input, calib_data=None, target="llvm",
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
     if cuda is not None:
-        from .schedules.cuda import arch_has_int4_mma
+        from .schedules.cuda import gemm_path
 
-        arch = str(cuda.attrs["arch"])
-        qpass = transform.QuantizeMixedPrecisionGPU(plan, ratios, arch_has_int4_mma(arch),
+        qpass = transform.QuantizeMixedPrecisionGPU(plan, ratios,
+                                                    gemm_path(str(cuda.attrs["arch"])),
                                                     expose_layers=expose_layers)
     else:
         qpass = transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
@@ -233,11 +234,10 @@ def _cuda_target(target):
     if not given:
         raise ValueError('a CUDA target needs its architecture: {"kind": "cuda", "arch": '
                          '"sm_80"} (sm_80..sm_89 run the 4-bit block on s4 tensor cores, '
-                         "sm_90 as INT8 MMA)")
-    arch = str(tgt.attrs["arch"])
-    if int(arch.split("_")[1].rstrip("a")) < 80:
-        raise ValueError(f"arch {arch}: the tensor-core kernels (mma.sync m16n8k32 INT8) need "
-                         "sm_80 or newer")
+                         "sm_90 as INT8 MMA, sm_61..sm_75 on dp4a)")
+    from .schedules.cuda import gemm_path
+
+    gemm_path(str(tgt.attrs["arch"]))  # raises for an arch without the kernels' instructions
     return tvm.target.Target(tgt, host=tvm.target.Target(frontend.default_llvm_target()))
 
 

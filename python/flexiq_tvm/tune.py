@@ -103,11 +103,11 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     mod = transform.ReorderChannelBlocks(plan)(mod)
     cuda = _cuda_target(target)
     if cuda is not None:
-        from .schedules.cuda import arch_has_int4_mma
+        from .schedules.cuda import gemm_path
         from .schedules.cuda import pipeline as gpu
 
-        int4 = arch_has_int4_mma(str(cuda.attrs["arch"]))
-        mod = transform.QuantizeMixedPrecisionGPU(plan, ratios, int4)(mod)
+        path = gemm_path(str(cuda.attrs["arch"]))
+        mod = transform.QuantizeMixedPrecisionGPU(plan, ratios, path)(mod)
         with cuda:
             return tvm.transform.Sequential(gpu.fused_passes(cuda))(mod), cuda
     from tvm.relax.backend.cpu_generic import pipeline as cpu

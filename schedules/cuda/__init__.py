@@ -3,6 +3,7 @@ without a GPU: the GEMM (:mod:`.mixed`), the kernels around it that make a whole
 (:mod:`.lower`), and the module pipeline (:mod:`.pipeline`)."""
 
 from . import pipeline
-from .mixed import arch_has_int4_mma, chunk4, emulate, mixed_gemm, pack
+from .mixed import arch_has_int4_mma, chunk4, emulate, gemm_path, mixed_gemm, pack
 
-__all__ = ["arch_has_int4_mma", "chunk4", "emulate", "mixed_gemm", "pack", "pipeline"]
+__all__ = ["arch_has_int4_mma", "chunk4", "emulate", "gemm_path", "mixed_gemm", "pack",
+           "pipeline"]

@@ -114,27 +114,16 @@ def _prim(tensors, name: str) -> tirx.PrimFunc:
         "op_pattern", 8)
 
 
-def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: float,
-                     signed: bool, exact: bool) -> tirx.PrimFunc:
-    """``main(x, src8, src4, sa4, A8w, A4w)``: the layer's input quantized and laid out as
-    :func:`~.mixed.mixed_gemm`'s activation words.
-
-    ``x`` is NCHW (``conv`` = dict of ``kh, kw, stride, dilation, pad (top, left), oh, ow``)
-    or ``(M, C)`` rows of a linear layer (``conv`` None). Rows past ``M`` and padding taps
-    are zero codes."""
-    per4 = 8 if layout.int4_mma else 4
-    bits4 = 32 // per4
-    x = te.placeholder(x_shape, "float32", "x")
-    src8 = te.placeholder((layout.w8_words * 4,), "int32", "src8")
-    src4 = te.placeholder((layout.w4_words * per4,), "int32", "src4")
-    sa4 = te.placeholder((layout.w4_words * per4,), "int32", "sa4")
+def _im2col_codes(x, conv: dict | None, inv: float, signed: bool, exact: bool):
+    """``code(m, k)``: the 8-bit code of im2col row ``m`` (output pixel), reduction row ``k``
+    (``c * KK + tap``; -1 or a padding tap: 0) of NCHW ``x`` (``conv`` geometry) or of the
+    ``(M, C)`` rows of a linear layer (``conv`` None); rows past ``M`` are 0."""
     if conv:
-        nb, _, h, w = x_shape
+        nb, _, h, w = x.shape
         kk, kw, p = conv["kh"] * conv["kw"], conv["kw"], conv["oh"] * conv["ow"]
         rows = nb * p
     else:
-        rows = x_shape[0]
-        kk = 1
+        rows, kk = x.shape[0], 1
 
     def code(m, s):
         ok = tirx.all(s >= 0, m < rows)
@@ -152,6 +141,25 @@ def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv:
         else:
             v = x[m_, ch]
         return tirx.if_then_else(ok, _quantize(v, inv, signed, exact), 0)
+
+    return code
+
+
+def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: float,
+                     signed: bool, exact: bool) -> tirx.PrimFunc:
+    """``main(x, src8, src4, sa4, A8w, A4w)``: the layer's input quantized and laid out as
+    :func:`~.mixed.mixed_gemm`'s activation words.
+
+    ``x`` is NCHW (``conv`` = dict of ``kh, kw, stride, dilation, pad (top, left), oh, ow``)
+    or ``(M, C)`` rows of a linear layer (``conv`` None). Rows past ``M`` and padding taps
+    are zero codes."""
+    per4 = 8 if layout.int4_mma else 4
+    bits4 = 32 // per4
+    x = te.placeholder(x_shape, "float32", "x")
+    src8 = te.placeholder((layout.w8_words * 4,), "int32", "src8")
+    src4 = te.placeholder((layout.w4_words * per4,), "int32", "src4")
+    sa4 = te.placeholder((layout.w4_words * per4,), "int32", "sa4")
+    code = _im2col_codes(x, conv, inv, signed, exact)
 
     def word8(m, wd):
         out = tirx.const(0, "uint32")
@@ -234,12 +242,13 @@ def quantize_effective(x_shape: tuple, pad: tuple, inv: float, signed: bool,
 
 def grouped_conv(q_shape: tuple, w_shape: tuple, stride: tuple, dilation: tuple,
                  out_hw: tuple, groups: int) -> tirx.PrimFunc:
-    """``main(q, w, acc)``: int32 grouped conv of effective codes with effective weights."""
+    """``main(q, w, acc)``: int32 grouped conv of effective codes (int32) with effective
+    weights (int8: ``w``, or ``extract_bits(w) << sw`` in [-128, 112])."""
     n = q_shape[0]
     o, cg, kh, kw = w_shape
     og = o // groups
     q = te.placeholder(q_shape, "int32", "q")
-    w = te.placeholder(w_shape, "int32", "w")
+    w = te.placeholder(w_shape, "int8", "w")
     rc = te.reduce_axis((0, cg), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -247,7 +256,8 @@ def grouped_conv(q_shape: tuple, w_shape: tuple, stride: tuple, dilation: tuple,
         (n, o, *out_hw),
         lambda b, k, i, j: te.sum(
             q[b, (k // og) * cg + rc, i * stride[0] + ry * dilation[0],
-              j * stride[1] + rx * dilation[1]] * w[k, rc, ry, rx], axis=[rc, ry, rx]),
+              j * stride[1] + rx * dilation[1]] * w[k, rc, ry, rx].astype("int32"),
+            axis=[rc, ry, rx]),
         "acc")
     return _prim([q, w, acc], "grouped_conv")
 
@@ -300,6 +310,108 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
                                     act_signed) * field(
                                     W4[j, (run_table[r, 0] + kc) * words4 + wd], b, bits4, True)
                     acc[0] = acc[0] + T.shift_left(part[0], run_table[r, 2])
+                C[i, j] = acc[0]
+
+    return main
+
+
+# ------------------------------------------------------------- dp4a (GPUs without mma.sync)
+
+
+def dp4a_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarray, m: int,
+                act_signed: bool) -> GemmLayout:
+    """Host side of one layer's dp4a GEMM at one ratio: every reduction row ``k = c * KK +
+    tap`` at the 8-bit scale (a 4-bit channel as ``extract_bits(w) << sw``), four signed bytes
+    per word. Unsigned activations are stored minus 128 (dp4a multiplies signed bytes);
+    ``corr[o] = 128 * sum_k w_eff[o, k]`` puts that back."""
+    o, c, kk = codes.shape
+    w = codes.astype(np.int32)
+    weff = np.where(low[None, :, None], np.left_shift(extract_bits(w, sw[None, :, None], True),
+                                                      sw[None, :, None]), w).reshape(o, c * kk)
+    kwords = max(-(-(c * kk) // 4), 1)
+    n = _round_up(o, TILE_N)
+    b = np.zeros((n, kwords * 4), np.int64)
+    b[:o, : c * kk] = weff
+    corr = np.zeros(n, np.int32)
+    if not act_signed:
+        corr[:o] = 128 * weff.sum(1)
+    return GemmLayout(m=_round_up(m, TILE_M), n=n, kwords=kwords, act_signed=act_signed,
+                      B=_words(b, 8).view(np.int32), corr=corr,
+                      shift=np.where(low, sa, -1).astype(np.int32))
+
+
+def pack_effective(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: float,
+                   signed: bool, exact: bool) -> tirx.PrimFunc:
+    """``main(x, shift, Aw)``: the layer's input at the 8-bit scale (``q``, or
+    ``extract_bits(q, sa) << sa`` where ``shift[c] = sa >= 0``), im2col rows, four bytes per
+    int32 word (unsigned activations minus 128), for :func:`dp4a_gemm`."""
+    x = te.placeholder(x_shape, "float32", "x")
+    c = x_shape[1]  # NCHW, or (rows, C)
+    kk = conv["kh"] * conv["kw"] if conv else 1
+    shift = te.placeholder((c,), "int32", "shift")
+    code = _im2col_codes(x, conv, inv, signed, exact)
+    bias = 0 if signed else 128
+
+    def byte(m, k):
+        q = code(m, tirx.if_then_else(k < c * kk, k, -1))
+        sh = shift[tirx.min(k, c * kk - 1) // kk]
+        v = tirx.if_then_else(sh >= 0, tirx.shift_left(_extract(q, tirx.max(sh, 0), signed),
+                                                        tirx.max(sh, 0)), q)
+        return tirx.Cast("uint32", tirx.bitwise_and(v - bias, 255))
+
+    def word(m, wd):
+        out = tirx.const(0, "uint32")
+        for j in range(4):
+            out = out | tirx.shift_left(byte(m, wd * 4 + j), tirx.const(8 * j, "uint32"))
+        return tirx.reinterpret("int32", out)
+
+    a = te.compute((layout.m, layout.kwords), word, "Aw")
+    return _prim([x, shift, a], "pack_effective")
+
+
+def dp4a_gemm(m: int, n: int, kwords: int) -> tirx.PrimFunc:
+    """``main(Aw, Bw, corr, C)``: ``C[i, j] = corr[j] + sum_w dp4a(Aw[i, w], Bw[j, w])`` (signed
+    bytes), one thread per output on CUDA cores (``__dp4a``, sm_61 and newer)."""
+    threads = 256
+    blocks = -(-m * n // threads)
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((m, kwords), "int32"), B: T.Buffer((n, kwords), "int32"),
+             corr: T.Buffer((n,), "int32"), C: T.Buffer((m, n), "int32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True, "tirx.is_scheduled": True,
+                     "flexiq.scheduled": True})
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                acc = T.alloc_buffer((1,), "int32", scope="local")
+                if bx * threads + tx < m * n:
+                    acc[0] = corr[(bx * threads + tx) % n]
+                    for w in range(kwords):
+                        acc[0] = T.call_pure_extern(
+                            "int32", "__dp4a", A[(bx * threads + tx) // n, w],
+                            B[(bx * threads + tx) % n, w], acc[0])
+                    C[(bx * threads + tx) // n, (bx * threads + tx) % n] = acc[0]
+
+    return main
+
+
+def reference_dp4a(m: int, n: int, kwords: int) -> tirx.PrimFunc:
+    """:func:`dp4a_gemm`'s signature and arithmetic in plain loops (any target)."""
+
+    def sbyte(word, j):
+        v = T.bitwise_and(T.shift_right(word, j * 8), 255)
+        return T.if_then_else(v >= 128, v - 256, v)
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer((m, kwords), "int32"), B: T.Buffer((n, kwords), "int32"),
+             corr: T.Buffer((n,), "int32"), C: T.Buffer((m, n), "int32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for i in T.parallel(m):
+            for j in range(n):
+                acc = T.alloc_buffer((1,), "int32", scope="local")
+                acc[0] = corr[j]
+                for w in range(kwords):
+                    for b in T.unroll(4):
+                        acc[0] = acc[0] + sbyte(A[i, w], b) * sbyte(B[j, w], b)
                 C[i, j] = acc[0]
 
     return main

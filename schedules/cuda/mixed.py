@@ -39,6 +39,16 @@ def chunk4(int4_mma: bool) -> int:
     return 64 if int4_mma else 32
 
 
+def gemm_path(arch: str) -> str:
+    """How a covered GEMM layer runs on ``sm_XY``: ``"mma_s4"`` (INT8 and s4 ``mma.sync``,
+    sm_80..sm_89), ``"mma_s8"`` (INT8 ``mma.sync`` for both blocks, sm_90 and newer: no 4-bit
+    MMA) or ``"dp4a"`` (CUDA cores, sm_61..sm_75: ``m16n8k32`` needs sm_80)."""
+    v = int(arch.split("_")[1].rstrip("a"))
+    if v < 61:
+        raise ValueError(f"arch {arch}: FlexiQ's CUDA kernels need sm_61 or newer (dp4a)")
+    return "dp4a" if v < 80 else "mma_s4" if v < 90 else "mma_s8"
+
+
 def arch_has_int4_mma(arch: str) -> bool:
     """INT4 ``mma.sync`` on this ``sm_XY``: Turing/Ampere/Ada yes, Hopper (sm_90) no."""
     major_minor = int(arch.split("_")[1].rstrip("a"))

@@ -45,12 +45,13 @@ async def _replay(host: str, port: int, arrivals: list[float], body: bytes,
 
     async def send(i: int, t0: float) -> None:
         t = time.perf_counter()
-        status, ratio = 0, None
+        status, ratio, conn = 0, None, None
         try:
             conn = idle.pop() if idle else await asyncio.open_connection(host, port)
             status, ratio = await asyncio.wait_for(exchange(conn), timeout)
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-            pass  # counted as failed (status 0); the connection is dropped
+            if conn is not None:  # counted as failed (status 0); the connection is dropped
+                conn[1].close()
         results[i] = [t - t0, 1e3 * (time.perf_counter() - t), status, ratio]
 
     tasks = []

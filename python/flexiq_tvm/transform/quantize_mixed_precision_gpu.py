@@ -6,12 +6,15 @@ oracle checks), other kernels (``flexiq_tvm.schedules.cuda.lower``):
 * GEMM conv / linear: ``pack_activations -> mixed_gemm (tensor cores) -> dequantize_rows``.
   The split into 8-bit and 4-bit reduction rows, the shift runs and the weight words differ
   per ratio, so each ratio gets its own constants and GEMM (the run count is a loop bound).
+  Without ``mma.sync`` (before sm_80): ``pack_effective -> dp4a_gemm -> dequantize_rows`` over
+  8-bit-scale values (CUDA cores).
 * Grouped / depthwise conv: ``quantize_effective -> grouped_conv -> dequantize_nchw`` over
   8-bit-scale values (no tensor-core form), with per-ratio effective weights.
 
-``gemm`` builds the GEMM kernel: :func:`~flexiq_tvm.schedules.cuda.mixed_gemm` for a GPU, or
-:func:`~flexiq_tvm.schedules.cuda.lower.reference_gemm` (plain loops) to check the whole
-lowering on a CPU.
+``gemm`` builds the GEMM kernel: :func:`~flexiq_tvm.schedules.cuda.mixed_gemm` (or
+:func:`~flexiq_tvm.schedules.cuda.lower.dp4a_gemm`) for a GPU, or their plain-loop twins
+:func:`~flexiq_tvm.schedules.cuda.lower.reference_gemm` (``reference_dp4a``) to check the
+whole lowering on a CPU.
 """
 
 from __future__ import annotations
@@ -26,17 +29,20 @@ from .quantize_mixed_precision import MixedPrecisionLowering, _Layer
 
 
 class _GPULowering(MixedPrecisionLowering):
-    """See the module docs. ``int4_mma``: the 4-bit block on s4 MMA (sm_75..sm_89) or as
-    INT8 MMA over unpacked values (sm_90). ``exact``: quantize with non-fusable float32 ops
-    (the CUDA build)."""
+    """See the module docs. ``path`` (:func:`~flexiq_tvm.schedules.cuda.gemm_path` of an
+    arch): ``"mma_s4"`` (the 4-bit block on s4 MMA, sm_80..sm_89), ``"mma_s8"`` (as INT8 MMA
+    over unpacked values, sm_90) or ``"dp4a"`` (CUDA cores, sm_61..sm_75). ``exact``:
+    quantize with non-fusable float32 ops (the CUDA build)."""
 
-    def __init__(self, plan, ratios=None, int4_mma: bool = True, gemm=None, exact: bool = True,
+    def __init__(self, plan, ratios=None, path: str = "mma_s4", gemm=None, exact: bool = True,
                  func_name: str = "main", expose_layers: bool = False) -> None:
         from ..schedules.cuda import lower, mixed_gemm
 
+        if path not in ("mma_s4", "mma_s8", "dp4a"):
+            raise ValueError(f"path={path!r}; one of mma_s4, mma_s8, dp4a")
         super().__init__(plan, {}, ratios, func_name=func_name, expose_layers=expose_layers)
-        self.int4_mma, self.exact = bool(int4_mma), bool(exact)
-        self.gemm = gemm or mixed_gemm
+        self.path, self.int4_mma, self.exact = path, path == "mma_s4", bool(exact)
+        self.gemm = gemm or (lower.dp4a_gemm if path == "dp4a" else mixed_gemm)
         self.lower = lower
 
     def _build(self, bb, kind, cfunc, call, var, k):
@@ -50,8 +56,8 @@ class _GPULowering(MixedPrecisionLowering):
         layer.per_ratio = {}
         consts = {"mult": relax.const(layer.mult, "float32")}
         o = lp.weight_shape[0]
-        layer.w_bytes = dict(int8=int(layer.codes.size),
-                             int4_packed=int(-(-layer.codes.size * (layer.n_max > 0) // 2)))
+        # the weight constants of every ratio (each ratio has its own row split and words)
+        layer.w_bytes = dict(int8=0, int4_packed=0)
         if kind == g.CONV:
             a = layer.conv_attrs
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
@@ -66,8 +72,9 @@ class _GPULowering(MixedPrecisionLowering):
 
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
         if n_low not in layer.per_ratio:
-            layer.per_ratio[n_low] = (self._grouped_kernels if layer.grouped
-                                      else self._gemm_kernels)(bb, kind, layer, n_low)
+            build = (self._grouped_kernels if layer.grouped else self._dp4a_kernels
+                     if self.path == "dp4a" else self._gemm_kernels)
+            layer.per_ratio[n_low] = build(bb, kind, layer, n_low)
         fns, c = layer.per_ratio[n_low]
         geo = layer.geo
         if layer.grouped:
@@ -81,12 +88,19 @@ class _GPULowering(MixedPrecisionLowering):
                                   relax.TensorType(layer.y_shape, "float32")), acc
         lay = c["layout"]
         xin = x if kind == g.CONV else bb.emit(relax.op.reshape(x, (geo["rows"], geo["c"])))
-        words = bb.emit(relax.call_tir(fns["pack"], (xin, c["src8"], c["src4"], c["sa4"]), [
-            relax.TensorType((lay.m, lay.w8_words), "uint32"),
-            relax.TensorType((lay.m, lay.w4_words), "uint32")]))
-        prod = bb.emit(relax.call_tir(
-            fns["gemm"], (relax.TupleGetItem(words, 0), c["W8"], relax.TupleGetItem(words, 1),
-                          c["W4"], c["run_table"]), relax.TensorType((lay.m, lay.n), "int32")))
+        if self.path == "dp4a":
+            words = bb.emit(relax.call_tir(fns["pack"], (xin, c["shift"]), relax.TensorType(
+                (lay.m, lay.kwords), "int32")))
+            prod = bb.emit(relax.call_tir(fns["gemm"], (words, c["B"], c["corr"]),
+                                          relax.TensorType((lay.m, lay.n), "int32")))
+        else:
+            words = bb.emit(relax.call_tir(fns["pack"], (xin, c["src8"], c["src4"], c["sa4"]), [
+                relax.TensorType((lay.m, lay.w8_words), "uint32"),
+                relax.TensorType((lay.m, lay.w4_words), "uint32")]))
+            prod = bb.emit(relax.call_tir(
+                fns["gemm"], (relax.TupleGetItem(words, 0), c["W8"],
+                              relax.TupleGetItem(words, 1), c["W4"], c["run_table"]),
+                relax.TensorType((lay.m, lay.n), "int32")))
         y = relax.call_tir(fns["deq"], (prod, consts["mult"]),
                            relax.TensorType(layer.y_shape, "float32"))
         if not self.expose_layers:
@@ -103,35 +117,58 @@ class _GPULowering(MixedPrecisionLowering):
     def _low(self, layer, n_low) -> np.ndarray:
         return layer.rank < n_low  # the n_low lowest-ranked channels run in 4-bit
 
-    def _gemm_kernels(self, bb, kind, layer, n_low):
-        lw, geo, lp = self.lower, layer.geo, layer.lp
+    def _gemm_geometry(self, kind, layer):
+        """``(conv?, taps, outputs, im2col rows, kernel input shape, conv geometry)``."""
+        geo = layer.geo
         conv = kind == g.CONV
-        kk = geo["kh"] * geo["kw"] if conv else 1
-        o = geo["o"]
         rows = layer.x_shape[0] * geo["oh"] * geo["ow"] if conv else geo["rows"]
+        return (conv, geo["kh"] * geo["kw"] if conv else 1, geo["o"], rows,
+                layer.x_shape if conv else (rows, geo["c"]), dict(geo) if conv else None)
+
+    def _around_gemm(self, bb, layer, lay, pack, gemm, conv, o, rows, tag):
+        """The kernels of a GEMM layer: ``pack`` and ``gemm`` as given, dequantization and,
+        with ``expose_layers``, the accumulator view."""
+        lw = self.lower
+        fns = {"pack": bb.add_func(pack, f"{tag}_pack"),
+               "gemm": bb.add_func(gemm.without_attr("global_symbol"), f"{tag}_gemm"),
+               "deq": bb.add_func(lw.dequantize_rows(lay, layer.y_shape, conv), f"{tag}_deq")}
+        if self.expose_layers:
+            fns["view"] = bb.add_func(lw.accumulator_view(
+                lay, layer.x_shape[0] if conv else 1, o,
+                layer.geo["oh"] * layer.geo["ow"] if conv else rows, conv), f"{tag}_view")
+        return fns
+
+    def _gemm_kernels(self, bb, kind, layer, n_low):
+        lw, lp = self.lower, layer.lp
+        conv, kk, o, rows, x_shape, cgeo = self._gemm_geometry(kind, layer)
         lay = lw.gemm_layout(layer.codes.reshape(o, -1, kk), self._low(layer, n_low),
                              layer.sa, layer.sw, self.int4_mma, rows)
         signed = bool(lp.act_signed)
         inv = float(np.float32(lp.act_inv_scale))
-        tag = f"{layer.name}_n{n_low}"
-        cgeo = dict(geo) if conv else None
-        fns = {
-            "pack": bb.add_func(lw.pack_activations(lay, layer.x_shape if conv else
-                                                    (rows, geo["c"]), cgeo, inv, signed,
-                                                    self.exact), f"{tag}_pack"),
-            "gemm": bb.add_func(self.gemm(lay.m, lay.n, lay.k8p, lay.runs, lay.chunks4,
-                                          self.int4_mma, act_signed=signed)
-                                .without_attr("global_symbol"), f"{tag}_gemm"),
-            "deq": bb.add_func(lw.dequantize_rows(lay, layer.y_shape, conv), f"{tag}_deq"),
-        }
-        if self.expose_layers:
-            fns["view"] = bb.add_func(lw.accumulator_view(
-                lay, layer.x_shape[0] if conv else 1, o,
-                geo["oh"] * geo["ow"] if conv else rows, conv), f"{tag}_view")
+        fns = self._around_gemm(
+            bb, layer, lay, lw.pack_activations(lay, x_shape, cgeo, inv, signed, self.exact),
+            self.gemm(lay.m, lay.n, lay.k8p, lay.runs, lay.chunks4, self.int4_mma,
+                      act_signed=signed), conv, o, rows, f"{layer.name}_n{n_low}")
         c = {k: relax.const(getattr(lay, k), str(getattr(lay, k).dtype))
              for k in ("W8", "W4", "run_table", "src8", "src4", "sa4")}
+        layer.w_bytes["int8"] += int(lay.W8.nbytes) if lay.k8p else 0
+        layer.w_bytes["int4_packed"] += int(lay.W4.nbytes) if lay.chunks4 else 0
         c["layout"] = lay
         return fns, c
+
+    def _dp4a_kernels(self, bb, kind, layer, n_low):
+        lw, lp = self.lower, layer.lp
+        conv, kk, o, rows, x_shape, cgeo = self._gemm_geometry(kind, layer)
+        signed = bool(lp.act_signed)
+        lay = lw.dp4a_layout(layer.codes.reshape(o, -1, kk), self._low(layer, n_low),
+                             layer.sa, layer.sw, rows, signed)
+        inv = float(np.float32(lp.act_inv_scale))
+        fns = self._around_gemm(
+            bb, layer, lay, lw.pack_effective(lay, x_shape, cgeo, inv, signed, self.exact),
+            self.gemm(lay.m, lay.n, lay.kwords), conv, o, rows, f"{layer.name}_n{n_low}")
+        layer.w_bytes["int8"] += int(lay.B.nbytes)  # 8-bit-scale bytes, 4-bit channels too
+        return fns, {"B": relax.const(lay.B, "int32"), "corr": relax.const(lay.corr, "int32"),
+                     "shift": relax.const(lay.shift, "int32"), "layout": lay}
 
     def _grouped_kernels(self, bb, kind, layer, n_low):
         lw, geo, lp = self.lower, layer.geo, layer.lp
@@ -157,8 +194,9 @@ class _GPULowering(MixedPrecisionLowering):
                                                 lp.groups), f"{tag}_conv"),
             "deq": bb.add_func(lw.dequantize_nchw(tuple(layer.y_shape)), f"{tag}_deq"),
         }
+        layer.w_bytes["int8"] += int(weff.size)  # int8: w and w4 << sw both fit
         return fns, {"shift": relax.const(shift, "int32"),
-                     "w": relax.const(weff.astype(np.int32), "int32")}
+                     "w": relax.const(weff.astype(np.int8), "int8")}
 
 
 QuantizeMixedPrecisionGPU = tvm.transform.module_pass(
