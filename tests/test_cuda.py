@@ -235,7 +235,7 @@ def _compile_for_cuda(arch, static_plan):
 
     model, plan = static_plan("resnet20_fmnist")
     _, xs, _ = load_eval_data("resnet20_fmnist", 1)
-    cfg = FlexiQConfig(selection="static", ratios=(0.0, 1.0))
+    cfg = FlexiQConfig(selection="static", ratios=(0.5,))  # both blocks in every layer
     return flexiq_tvm.compile(model, xs, plan=plan, config=cfg,
                               target={"kind": "cuda", "arch": arch}), xs
 
@@ -256,16 +256,16 @@ def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan
     from tvm.support import nvcc
 
     cm, xs = _compile_for_cuda(arch, static_plan)
-    assert cm.ratios == (0.0, 1.0) and cm.metadata["target"]["arch"] == arch
+    assert cm.ratios == (0.5,) and cm.metadata["target"]["arch"] == arch
     assert cm.metadata["target"]["host"]["kind"] == "llvm"
     assert len(cm.report.covered) == 22  # every conv and the classifier
     src = _cuda_source(cm)
     path = gemm_path(arch)
     int4 = path == "mma_s4"
     mma8, mma4 = "mma.sync.aligned.m16n8k32.row.col.s32", "mma.sync.aligned.m16n8k64"
-    # every covered layer is a GEMM here (structurally equal kernels are emitted once): at
-    # ratio 0 the 8-bit block on INT8 MMA, at ratio 1 the 4-bit block on s4 MMA (sm_80) or on
-    # INT8 MMA again (sm_90)
+    # every covered layer is a GEMM here (structurally equal kernels are emitted once): the
+    # 8-bit block on INT8 MMA, the 4-bit block on s4 MMA (sm_80) or on INT8 MMA again (sm_90),
+    # both on dp4a before sm_80
     assert all(not c["grouped"] for c in cm.report.covered)
     assert (mma8 in src) == (path != "dp4a") and (mma4 in src) == int4
     assert ("__dp4a" in src) == (path == "dp4a")
@@ -276,7 +276,7 @@ def test_compile_for_cuda_builds_the_whole_model_without_a_gpu(arch, static_plan
 
         with pytest.raises(RuntimeError, match=f"does not have .*compiled for cuda {arch}"):
             cm(xs)
-        art = cm.export(tmp_path / "r20_cuda.flexiq", profile={"0": 1.0, "1": 0.8})
+        art = cm.export(tmp_path / "r20_cuda.flexiq", profile={"0.5": 1.0})
         with pytest.raises(ArtifactError, match=rf"compiled for CUDA \({arch}\); this machine"):
             flexiq_tvm.load(art)
     if shutil.which("nvcc") is None:

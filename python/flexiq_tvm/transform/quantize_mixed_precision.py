@@ -139,13 +139,17 @@ class MixedPrecisionLowering:
         return relax.transform.Normalize()(tvm.IRModule(funcs, attrs=out.attrs))
 
     # ------------------------------------------------------------------ per layer
-    def _build(self, bb, kind, cfunc, call, var, k):
+    def _new_layer(self, kind, cfunc, call, var) -> _Layer:
+        """The compile-time data of the composite ``cfunc`` called as ``var = call``."""
         lp = self.plan.layer(str(cfunc.attrs["flexiq.layer"]))
         in_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.in_perm"]])
         out_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.out_perm"]])
-        inner = g.inner_call(cfunc)
-        layer = _Layer(lp, kind, in_perm, out_perm, g.shape_of(call.args[0]), g.shape_of(var),
-                       inner.attrs if kind == g.CONV else None)
+        return _Layer(lp, kind, in_perm, out_perm, g.shape_of(call.args[0]), g.shape_of(var),
+                      g.inner_call(cfunc).attrs if kind == g.CONV else None)
+
+    def _build(self, bb, kind, cfunc, call, var, k):
+        layer = self._new_layer(kind, cfunc, call, var)
+        lp = layer.lp
         signed = bool(lp.act_signed)
         inv = float(np.float32(lp.act_inv_scale))
         name = cfunc.attrs["flexiq.layer"].replace(".", "_")

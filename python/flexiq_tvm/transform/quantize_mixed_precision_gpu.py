@@ -25,7 +25,7 @@ from tvm import relax
 
 from .. import reference as ref
 from . import _graph as g
-from .quantize_mixed_precision import MixedPrecisionLowering, _Layer
+from .quantize_mixed_precision import MixedPrecisionLowering
 
 
 class _GPULowering(MixedPrecisionLowering):
@@ -46,12 +46,8 @@ class _GPULowering(MixedPrecisionLowering):
         self.lower = lower
 
     def _build(self, bb, kind, cfunc, call, var, k):
-        lp = self.plan.layer(str(cfunc.attrs["flexiq.layer"]))
-        in_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.in_perm"]])
-        out_perm = np.asarray([int(i) for i in cfunc.attrs["flexiq.out_perm"]])
-        inner = g.inner_call(cfunc)
-        layer = _Layer(lp, kind, in_perm, out_perm, g.shape_of(call.args[0]), g.shape_of(var),
-                       inner.attrs if kind == g.CONV else None)
+        layer = self._new_layer(kind, cfunc, call, var)
+        lp = layer.lp
         layer.name = cfunc.attrs["flexiq.layer"].replace(".", "_")
         layer.per_ratio = {}
         consts = {"mult": relax.const(layer.mult, "float32")}
