@@ -131,7 +131,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
 
     from . import frontend, transform
     from .quantize import quantize
-    from .schedules.llvm import KERNELS, PASS_CONFIG, pipeline
+    from .schedules.llvm import PASS_CONFIG, pipeline
 
     cuda = _cuda_target(target)
     if cuda is None and target not in TARGETS:
@@ -163,15 +163,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
-    if cuda is not None:
-        from .schedules.cuda import gemm_path
-
-        qpass = transform.QuantizeMixedPrecisionGPU(plan, ratios,
-                                                    gemm_path(str(cuda.attrs["arch"])),
-                                                    expose_layers=expose_layers)
-    else:
-        qpass = transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
-                                                 expose_layers=expose_layers)
+    qpass = _lowering(plan, ratios, cuda, expose_layers)
     mod = qpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -213,6 +205,22 @@ def compile(model, example_input, calib_data=None, target="llvm",
                           metadata=json_safe(meta))
 
 
+def _lowering(plan: QuantPlan, ratios, cuda=None, expose_layers: bool = False):
+    """The pass that lowers the FlexiQ composites for the CPU, or for ``cuda`` (a target from
+    :func:`_cuda_target`) with that arch's GEMM path."""
+    from . import transform
+
+    if cuda is None:
+        from .schedules.llvm import KERNELS
+
+        return transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
+                                                expose_layers=expose_layers)
+    from .schedules.cuda import gemm_path
+
+    return transform.QuantizeMixedPrecisionGPU(plan, ratios, gemm_path(str(cuda.attrs["arch"])),
+                                               expose_layers=expose_layers)
+
+
 def _cuda_target(target):
     """The CUDA ``tvm.target.Target`` (with this machine's CPU as host) that ``target`` names,
     or ``None`` for the other targets; a CUDA target without ``arch`` is an error."""
@@ -229,9 +237,7 @@ def _cuda_target(target):
     if tgt.kind.name != "cuda":
         return None
     # TVM fills in sm_50 when no GPU is present: the architecture must be the user's
-    given = target.get("arch") if isinstance(target, dict) else (
-        "arch" in target if isinstance(target, str) else True)
-    if not given:
+    if isinstance(target, (dict, str)) and "arch" not in target:
         raise ValueError('a CUDA target needs its architecture: {"kind": "cuda", "arch": '
                          '"sm_80"} (sm_80..sm_89 run the 4-bit block on s4 tensor cores, '
                          "sm_90 as INT8 MMA, sm_61..sm_75 on dp4a)")

@@ -115,22 +115,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _target(args):
+    """``--target`` as ``compile`` takes it: the name, or for ``cuda`` the target with
+    ``--arch``."""
+    if args.target != "cuda":
+        return args.target
+    if not args.arch:
+        raise ValueError("--target cuda needs --arch (e.g. sm_80, sm_90)")
+    return {"kind": "cuda", "arch": args.arch}
+
+
 def cmd_compile(args) -> int:
     from .demo import compile_and_measure, print_compiled
     from .plan import QuantPlan
 
     plan = QuantPlan.load(args.plan) if args.plan else None
-    target = args.target
-    if target == "cuda":
+    target = _target(args)
+    if isinstance(target, dict):
         import tvm
 
-        if not args.arch:
-            raise ValueError("--target cuda needs --arch (e.g. sm_80, sm_90)")
         if not tvm.cuda(0).exist:
             raise ValueError("--target cuda measures on a GPU and this machine has none; "
                              "flexiq_tvm.compile(..., target={'kind': 'cuda', 'arch': ...}) "
                              "builds without one")
-        target = {"kind": "cuda", "arch": args.arch}
     res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
                               n_images=args.limit, finetuned=args.finetuned, target=target)
     print_compiled(res)
@@ -286,11 +293,7 @@ def cmd_finetune(args) -> int:
 def cmd_tune(args) -> int:
     from .tune import RPCConfig, tune
 
-    target = "llvm"
-    if args.target == "cuda":
-        if not args.arch:
-            raise ValueError("--target cuda needs --arch (e.g. sm_90)")
-        target = {"kind": "cuda", "arch": args.arch}
+    target = _target(args)
     rpc = RPCConfig.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     if args.rpc_key and not args.rpc_tracker:
         raise ValueError("--rpc-key needs --rpc-tracker HOST:PORT")

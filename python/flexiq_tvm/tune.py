@@ -93,8 +93,7 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     import tvm
 
     from . import frontend, transform
-    from .api import _cuda_target
-    from .schedules.llvm import KERNELS
+    from .api import _cuda_target, _lowering
 
     x = np.asarray(example_input, np.float32)
     imported = frontend.import_model(model, x, via=via)
@@ -102,17 +101,14 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     cuda = _cuda_target(target)
+    mod = _lowering(plan, ratios, cuda)(mod)
     if cuda is not None:
-        from .schedules.cuda import gemm_path
         from .schedules.cuda import pipeline as gpu
 
-        path = gemm_path(str(cuda.attrs["arch"]))
-        mod = transform.QuantizeMixedPrecisionGPU(plan, ratios, path)(mod)
         with cuda:
             return tvm.transform.Sequential(gpu.fused_passes(cuda))(mod), cuda
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    mod = transform.QuantizeMixedPrecision(plan, KERNELS, ratios)(mod)
     tgt = tvm.target.Target(frontend.default_llvm_target())
     with tgt:
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tgt)

@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 
 from flexiq_tvm.reference import act_range, extract_bits
 
+from ..arith import code8, extract4
 from .mixed import K8_CHUNK, TILE_M, TILE_N, _words, chunk4, layout4, take_columns
 
 
@@ -86,30 +87,17 @@ def gemm_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarr
 
 
 def _quantize(v, inv: float, signed: bool, exact: bool):
-    """8-bit code of an FP32 value: ``clip(floor(v * inv + 0.5))`` in float32 steps."""
-    inv = tirx.FloatImm("float32", inv)
-    half = tirx.FloatImm("float32", 0.5)
-    if exact:
-        t = tirx.call_pure_extern("float32", "__fadd_rn",
-                                  tirx.call_pure_extern("float32", "__fmul_rn", v, inv), half)
-    else:
-        t = v * inv + half
-    lo, hi = act_range(signed, 8)
-    return tirx.Cast("int32", tirx.max(tirx.min(tirx.floor(t), float(hi)), float(lo)))
+    return code8(v, inv, *act_range(signed, 8), exact)
 
 
 def _extract(q, sh, signed: bool):
-    """``clip((q + 2**(sh-1)) >> sh)`` in the 4-bit range (the oracle's extract_bits)."""
-    half = tirx.if_then_else(sh > 0, tirx.shift_left(1, tirx.max(sh - 1, 0)), 0)
-    lo, hi = act_range(signed, 4)
-    return tirx.max(tirx.min(tirx.shift_right(q + half, sh), hi), lo)
+    return extract4(q, sh, *act_range(signed, 4))
 
 
-def _prim(tensors, name: str) -> tirx.PrimFunc:
-    """A PrimFunc of TE tensors (no global symbol: the module that adds it names it)."""
-    del name  # documents the kernel at its call site
-    # opaque to FuseOps: FuseTIR cannot merge these (their buffers meet other ops' under one
-    # Relax var), and the CUDA pipeline's dlight rules schedule each one alone
+def _prim(tensors) -> tirx.PrimFunc:
+    """A PrimFunc of TE tensors (no global symbol: the module that adds it names it), opaque
+    to FuseOps: FuseTIR cannot merge these (their buffers meet other ops' under one Relax
+    var), and the CUDA pipeline's dlight rules schedule each one alone."""
     return te.create_prim_func(tensors).without_attr("global_symbol").with_attr(
         "op_pattern", 8)
 
@@ -179,7 +167,7 @@ def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv:
 
     a8 = te.compute((layout.m, layout.w8_words), word8, "A8w")
     a4 = te.compute((layout.m, layout.w4_words), word4, "A4w")
-    return _prim([x, src8, src4, sa4, a8, a4], "pack_activations")
+    return _prim([x, src8, src4, sa4, a8, a4])
 
 
 def dequantize_rows(layout: GemmLayout, y_shape: tuple, conv: bool) -> tirx.PrimFunc:
@@ -202,7 +190,7 @@ def dequantize_rows(layout: GemmLayout, y_shape: tuple, conv: bool) -> tirx.Prim
             return tirx.Cast("float32", acc[m, idx[-1]]) * mult[idx[-1]]
 
         y = te.compute(y_shape, f, "y")
-    return _prim([acc, mult, y], "dequantize_rows")
+    return _prim([acc, mult, y])
 
 
 def accumulator_view(layout: GemmLayout, batch: int, o: int, pixels: int,
@@ -214,7 +202,7 @@ def accumulator_view(layout: GemmLayout, batch: int, o: int, pixels: int,
         acc = te.compute((batch, o, pixels), lambda n, k, p: c[n * pixels + p, k], "acc")
     else:
         acc = te.compute((1, pixels, o), lambda _, m, k: c[m, k], "acc")
-    return _prim([c, acc], "accumulator_view")
+    return _prim([c, acc])
 
 
 def quantize_effective(x_shape: tuple, pad: tuple, inv: float, signed: bool,
@@ -237,7 +225,7 @@ def quantize_effective(x_shape: tuple, pad: tuple, inv: float, signed: bool,
         return tirx.if_then_else(ok, v, 0)
 
     q = te.compute((n, c, h + top + bottom, w + left + right), f, "q")
-    return _prim([x, shift, q], "quantize_effective")
+    return _prim([x, shift, q])
 
 
 def grouped_conv(q_shape: tuple, w_shape: tuple, stride: tuple, dilation: tuple,
@@ -259,7 +247,7 @@ def grouped_conv(q_shape: tuple, w_shape: tuple, stride: tuple, dilation: tuple,
               j * stride[1] + rx * dilation[1]] * w[k, rc, ry, rx].astype("int32"),
             axis=[rc, ry, rx]),
         "acc")
-    return _prim([q, w, acc], "grouped_conv")
+    return _prim([q, w, acc])
 
 
 def dequantize_nchw(shape: tuple) -> tirx.PrimFunc:
@@ -268,7 +256,7 @@ def dequantize_nchw(shape: tuple) -> tirx.PrimFunc:
     mult = te.placeholder((shape[1],), "float32", "mult")
     y = te.compute(shape, lambda b, k, i, j: tirx.Cast("float32", acc[b, k, i, j]) * mult[k],
                    "y")
-    return _prim([acc, mult, y], "dequantize_nchw")
+    return _prim([acc, mult, y])
 
 
 def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
@@ -366,7 +354,7 @@ def pack_effective(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: f
         return tirx.reinterpret("int32", out)
 
     a = te.compute((layout.m, layout.kwords), word, "Aw")
-    return _prim([x, shift, a], "pack_effective")
+    return _prim([x, shift, a])
 
 
 def dp4a_gemm(m: int, n: int, kwords: int) -> tirx.PrimFunc:

@@ -27,6 +27,8 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..arith import code8, extract4
+
 TO = 16  # output-channel tile (two AVX2 int32 vectors)
 TP = 6  # position tile (register accumulators: TP x 2 vectors)
 TH = TP // 2  # positions per half-tile of the 4-bit phase (its int16 accumulators)
@@ -153,13 +155,13 @@ def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
     vnni = _vnni(vnni)
 
     def c8(x, r, ci, n_low):
-        return T.Cast("int16", T.if_then_else(tirx.all(ci >= n_low, ci < k), _code8(
+        return T.Cast("int16", T.if_then_else(tirx.all(ci >= n_low, ci < k), code8(
             x[r, T.min(ci, k - 1)], inv, lo, hi), 0))
 
     def c4(x, sa, slot_chan, r, si, n_low):
         return T.if_then_else(
             tirx.all(slot_chan[si] >= 0, slot_chan[si] < n_low),
-            T.Cast("uint8", _pre4(off + _extract(_code8(x[r, T.max(slot_chan[si], 0)], inv, lo,
+            T.Cast("uint8", _pre4(off + extract4(code8(x[r, T.max(slot_chan[si], 0)], inv, lo,
                                                         hi), sa[T.max(slot_chan[si], 0)], lo4,
                                                  hi4), sa[T.max(slot_chan[si], 0)], vnni)),
             _fill4(off, sa, slot_chan, si, vnni))
@@ -252,12 +254,12 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
                         for xo in range(wv // vl):
                             for xi in T.vectorized(vl):
                                 q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
-                                    "int16", T.if_then_else(ci < c, _code8(
+                                    "int16", T.if_then_else(ci < c, code8(
                                         x[by // hp, T.min(ci, c - 1), by % hp - pt,
                                           xo * vl + xi], inv, lo, hi), 0))
                         for xr in range(w - wv):
                             q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
-                                "int16", T.if_then_else(ci < c, _code8(
+                                "int16", T.if_then_else(ci < c, code8(
                                     x[by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr],
                                     inv, lo, hi), 0))
                     for si in range(slots):
@@ -265,14 +267,14 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
                             for xo in range(wv // vl):
                                 for xi in T.vectorized(vl):
                                     q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
-                                        "uint8", _pre4(off + _extract(_code8(
+                                        "uint8", _pre4(off + extract4(code8(
                                             x[by // hp, slot_chan[si], by % hp - pt,
                                               xo * vl + xi], inv, lo, hi),
                                             sa[slot_chan[si]], lo4, hi4),
                                             sa[slot_chan[si]], vnni))
                             for xr in range(w - wv):
                                 q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
-                                    "uint8", _pre4(off + _extract(_code8(
+                                    "uint8", _pre4(off + extract4(code8(
                                         x[by // hp, slot_chan[si], by % hp - pt, wv + xr],
                                         inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
                                         sa[slot_chan[si]], vnni))
@@ -306,17 +308,6 @@ def _fill4(off, sa, slot_chan, si, vnni):
         return T.Cast("uint8", T.shift_left(off, T.if_then_else(
             slot_chan[si] >= 0, sa[T.max(slot_chan[si], 0)], 0)))
     return T.uint8(off)
-
-
-def _code8(v, inv, lo, hi):
-    """The 8-bit activation code ``clip(floor(v * inv + 0.5))`` (two float32 roundings)."""
-    return T.max(T.min(T.Cast("int32", T.floor(v * T.float32(inv) + T.float32(0.5))), hi), lo)
-
-
-def _extract(q, s, lo4, hi4):
-    """Effective bit extraction ``clip((q + 2**(s-1)) >> s)`` to 4 bits."""
-    return T.max(T.min(T.shift_right(q + T.if_then_else(s > 0, T.shift_left(1, s - 1), 0), s),
-                       hi4), lo4)
 
 
 def _pmadd(a, b):
@@ -627,12 +618,12 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
                         for xo in range(wv // vl):
                             for xi in T.vectorized(vl):
                                 q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
-                                    "int16", T.shift_left(_extract(_code8(
+                                    "int16", T.shift_left(extract4(code8(
                                         x[bc // c, bc % c, ih, xo * vl + xi], inv, lo, hi),
                                         sa[bc % c], lo4, hi4), st[bc % c]))
                         for xr in range(w - wv):
                             q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
-                                "int16", T.shift_left(_extract(_code8(
+                                "int16", T.shift_left(extract4(code8(
                                     x[bc // c, bc % c, ih, wv + xr], inv, lo, hi),
                                     sa[bc % c], lo4, hi4), st[bc % c]))
                 else:
@@ -640,11 +631,11 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
                         for xo in range(wv // vl):
                             for xi in T.vectorized(vl):
                                 q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
-                                    "int16", _code8(x[bc // c, bc % c, ih, xo * vl + xi], inv,
+                                    "int16", code8(x[bc // c, bc % c, ih, xo * vl + xi], inv,
                                                     lo, hi))
                         for xr in range(w - wv):
                             q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
-                                "int16", _code8(x[bc // c, bc % c, ih, wv + xr], inv, lo, hi))
+                                "int16", code8(x[bc // c, bc % c, ih, wv + xr], inv, lo, hi))
 
     return quantize_padded
 
