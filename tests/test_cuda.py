@@ -82,6 +82,37 @@ def test_cuda_compiles_to_tensor_core_mma(arch, tmp_path):
     if not int4:  # Hopper: the 4-bit block runs as a second int8 MMA stream
         assert ptx.count(mma8) >= 2
     assert bytes(cubin[:4]) == b"\x7fELF" and len(cubin) > 1000
+    imma = _imma(cubin)  # the machine code: tensor-core IMMA, the s4 one where the arch has it
+    assert "IMMA.16832.U8.S8" in imma and ("IMMA.16864.U4.S4" in imma) == int4, imma
+
+
+def _imma(binary) -> set[str]:
+    """The IMMA (integer tensor-core) instructions in a cubin's SASS."""
+    import re
+
+    from flexiq_tvm.runtime.cuda import cuda_tool, sass
+
+    if cuda_tool("cuobjdump") is None or cuda_tool("nvdisasm") is None:
+        pytest.skip("cuobjdump / nvdisasm are not installed: SASS not read")
+    return set(re.findall(r"IMMA\.[0-9A-Z.]+", sass(bytes(binary))))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_hopper_runs_s4_mma_as_int8_imma():
+    """ptxas takes the s4 ``mma.sync.m16n8k64`` for sm_90, with no 4-bit tensor core to run it
+    on: the SASS holds INT8 ``IMMA.16832`` alone (twice as many), the 4-bit operands unpacked
+    in registers. The GPU check times this kernel beside the INT8 path (bytes vs unpacking)."""
+    import tvm
+    from tvm.support import nvcc
+
+    f = mixed_gemm(32, 16, 64, 2, 3, True, act_signed=False)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    ex = tvm.compile(tvm.IRModule({"main": f}), target=target)
+    src = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
+    assert "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32" in src
+    with target:
+        cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
+    assert _imma(cubin) == {"IMMA.16832.U8.S8"}
 
 
 # ----------------------------------------------------------------- whole models (CUDA lowering)

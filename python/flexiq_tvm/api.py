@@ -70,8 +70,7 @@ class CompiledModule(FlexiQModule):
         """Per covered layer ``(input, int32 accumulator)`` (needs ``expose_layers=True``)."""
         if not self.expose_layers:
             raise ValueError("compile with expose_layers=True to read layer tensors")
-        exposed = [a.numpy() for a in self.run(x, ratio)[1]]
-        return list(zip(exposed[0::2], exposed[1::2], strict=True))
+        return super().layer_tensors(x, ratio)
 
 
 def _kept_fp32(mod) -> list[dict]:
@@ -325,22 +324,36 @@ def json_safe(obj):
                                  else str(o)))
 
 
-def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, int]]:
-    """Compare every covered layer's int32 accumulator in ``cm`` (compiled with
-    ``expose_layers=True``) with the integer oracle fed the same layer input.
+def layer_records(cm: CompiledModule) -> list[dict]:
+    """JSON records of the covered layers of ``cm`` (compiled with ``expose_layers=True``),
+    in the order of its exposed tensors: what :func:`accumulator_mismatches` needs besides the
+    plan, so a module can be checked where it runs (a loaded artifact, no compiler)."""
+    return [{"name": L.lp.name, "kind": L.kind,
+             "in_perm": [int(i) for i in L.in_perm], "out_perm": [int(i) for i in L.out_perm],
+             # top, left, bottom, right, as the graph's conv pads
+             "padding": ([int(v) for v in L.conv_attrs.padding]
+                         if L.kind == "flexiq.conv2d" else None)}
+            for L in cm.layers]
+
+
+def accumulator_mismatches(records: list[dict], plan: QuantPlan, pairs, ratio: float
+                           ) -> list[tuple[str, int]]:
+    """Compare each covered layer's int32 accumulator with the integer oracle fed the same
+    layer input. ``records``: :func:`layer_records`; ``pairs``: per layer ``(input,
+    accumulator)`` as the module produced them (``FlexiQModule.layer_tensors``).
 
     Returns ``[(layer, max |difference|)]`` for the layers that differ: empty means bit-exact.
     """
     from . import reference as ref
 
     bad = []
-    for L, (xin, acc) in zip(cm.layers, cm.layer_tensors(x, ratio), strict=True):
-        lp = L.lp
-        in_perm, out_perm = np.asarray(L.in_perm), np.asarray(L.out_perm)
+    for rec, (xin, acc) in zip(records, pairs, strict=True):
+        lp = plan.layer(rec["name"])
+        in_perm, out_perm = np.asarray(rec["in_perm"]), np.asarray(rec["out_perm"])
         xo = np.empty_like(xin)
-        if L.kind == "flexiq.conv2d":
+        if rec["kind"] == "flexiq.conv2d":
             xo[:, in_perm] = xin
-            pad = [int(v) for v in L.conv_attrs.padding]  # top, left, bottom, right
+            pad = rec["padding"]
             if tuple(lp.padding) != (pad[0], pad[2], pad[1], pad[3]):
                 # the graph pads with a separate op (TF "same" padding): the layer's input
                 # is already padded, its conv pads as the graph says
@@ -356,3 +369,9 @@ def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, in
         if not np.array_equal(got, want):
             bad.append((lp.name, int(np.abs(got.astype(np.int64) - want).max())))
     return bad
+
+
+def oracle_mismatches(cm: CompiledModule, x, ratio: float) -> list[tuple[str, int]]:
+    """:func:`accumulator_mismatches` of ``cm`` (compiled with ``expose_layers=True``) on
+    input ``x`` at ``ratio``: empty means every covered layer is bit-exact."""
+    return accumulator_mismatches(layer_records(cm), cm.plan, cm.layer_tensors(x, ratio), ratio)

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 from flexiq_tvm.reference import act_range, extract_bits
 
 from ..arith import code8, extract4
-from .mixed import K8_CHUNK, TILE_M, TILE_N, _words, chunk4, layout4, take_columns
+from .layout import K8_CHUNK, TILE_M, TILE_N, _words, chunk4, layout4, take_columns
 
 
 def _round_up(v: int, m: int) -> int:

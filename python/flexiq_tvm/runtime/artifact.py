@@ -142,6 +142,9 @@ def load(path, key=None, device=None):
     header, payload = read_verified(path, key)
     target = header.get("metadata", {}).get("target")
     if isinstance(target, dict) and target.get("kind") == "cuda":
+        from .cuda import cuda_runtime
+
+        cuda_runtime()  # a runtime-only TVM loads no backend by itself
         if device is None:
             device = tvm.cuda(0)
         if not device.exist:  # its library holds CUDA code: loading it needs the runtime

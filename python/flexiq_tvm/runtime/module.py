@@ -126,7 +126,7 @@ class FlexiQModule:
     def _vm(self):
         funcs = getattr(self._local, "funcs", None)
         if funcs is None:
-            from tvm import relax
+            from tvm.runtime.vm import VirtualMachine  # no compiler needed: runtime-only TVM
 
             if not self.device.exist:
                 tgt = self.metadata.get("target")
@@ -135,7 +135,7 @@ class FlexiQModule:
                 raise RuntimeError(f"this module runs on {self.device}, which this machine "
                                    f"does not have (it was compiled for {what})")
 
-            vm = relax.VirtualMachine(self.executable, self.device)
+            vm = VirtualMachine(self.executable, self.device)
             if self._switch and self._switch.get("entry"):
                 funcs = dict.fromkeys(self._ratios, vm[self._switch["entry"]])
             else:
@@ -175,6 +175,17 @@ class FlexiQModule:
         return out.numpy()
 
     # ------------------------------------------------------------------ profile / export
+    def layer_tensors(self, x, ratio: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per covered layer ``(input, int32 accumulator)`` of a module compiled with
+        ``expose_layers=True`` (its outputs are ``(model output, [in, acc, in, acc, ...])``)."""
+        out = self.run(x, ratio)
+        try:
+            exposed = [a.numpy() for a in out[1]]
+        except (IndexError, TypeError) as e:
+            raise ValueError("this module exposes no layer tensors (compile it with "
+                             "expose_layers=True)") from e
+        return list(zip(exposed[0::2], exposed[1::2], strict=True))
+
     def profile(self, x=None, repeat: int = 20, warmup: int = 3) -> dict[str, float]:
         """Median latency (ms) of each ratio on ``x`` (zeros of the input shape by default)."""
         x = np.zeros(self.input_shape, self.input_dtype) if x is None else self._check(x)
@@ -184,12 +195,16 @@ class FlexiQModule:
                profile: dict | None = None, metadata: dict | None = None):
         """Write one artifact file: the library of every ratio variant plus metadata (ratios,
         input, latency profile, accuracy per ratio, target, versions), checksummed and, with
-        ``key``, signed (HMAC-SHA256). See :mod:`flexiq_tvm.runtime.artifact`."""
+        ``key``, signed (HMAC-SHA256). See :mod:`flexiq_tvm.runtime.artifact`.
+
+        The profile is measured now unless given or already known; a module built for a device
+        this machine lacks (CUDA compiled on a CPU machine) is exported with an empty one."""
         from .artifact import export
 
         meta = {**self.metadata, **(metadata or {})}
-        meta["profile_ms"] = profile if profile is not None else (
-            meta.get("profile_ms") or self.profile())
+        if profile is None:  # measured here, unless the module's device is elsewhere
+            profile = meta.get("profile_ms") or (self.profile() if self.device.exist else {})
+        meta["profile_ms"] = profile
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
         return export(self.exportable, path, ratios=self._ratios, input_shape=self.input_shape,
