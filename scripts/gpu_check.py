@@ -18,8 +18,9 @@
    oracle (``flexiq_tvm.reference.mixed_matmul``), for the arch's path and, on Hopper, also
    for the s4 ``mma.sync`` path that ptxas accepts for sm_90;
 2. timings (median, TVM ``time_evaluator``) on 4096^3 and a ResNet 3x3 conv shape (batch 32,
-   64 -> 64 channels, 56 x 56: M = 100352, K = 576, N = 64) at ratios 0 / 0.5 / 1, beside
-   ``torch._int_mm`` (cuBLASLt INT8) and an FP16 matmul;
+   64 -> 64 channels, 56 x 56: M = 100352, K = 576, N = 64) at ratios 0 / 0.5 / 1, tiled as
+   ``compile`` tiles them and untiled (one 16 x 8 tile per warp), beside ``torch._int_mm``
+   (cuBLASLt INT8) and an FP16 matmul;
 3. whole models: each artifact loaded with ``flexiq_tvm.load`` and every covered layer's
    accumulator compared with the oracle fed the same layer input, at every ratio, on two
    images; plus each ratio's latency at batch 1.
@@ -117,22 +118,26 @@ def _digest(ops) -> str:
     return h.hexdigest()
 
 
-def _kernel(bundle, arch, name, m, n, k, ratio, int4, check, seed, log):
-    """Export one mixed GEMM kernel for ``arch`` (and its nvcc binary): the exactness cases
-    keep their operands' seed and digest, the timing cases the shapes of their words."""
+def _kernel(bundle, arch, name, m, n, k, ratio, int4, check, seed, log, tiles=None):
+    """Export one mixed GEMM kernel for ``arch`` (and its nvcc binary), tiled as ``compile``
+    tiles it unless ``tiles`` is given: the exactness cases keep their operands' seed and
+    digest, the timing cases the shapes of their words."""
     import tvm
     from flexiq_tvm.schedules.cuda import mixed_gemm
+    from flexiq_tvm.schedules.cuda.layout import gemm_tiles
 
     from flexiq_tvm.runtime.cuda import precompile
 
     ops = operands(m, n, k, ratio, seed)
     arrays, runs, chunks4, k8p = layout(ops, int4)
-    f = mixed_gemm(m, n, k8p, runs, chunks4, int4, act_signed=False)
+    t = gemm_tiles(m, n) if tiles is None else tiles
+    f = mixed_gemm(m, n, k8p, runs, chunks4, int4, act_signed=False, tiles=t)
     ex = tvm.compile(tvm.IRModule({"main": f}), target={"kind": "cuda", "arch": arch})
     ex.export_library(str(bundle / "kernels" / f"{name}.so"))
     keys = precompile(ex.mod, arch, bundle / "bin" / arch)
-    log(f"kernel {name}: runs {runs}, 4-bit chunks {chunks4}, K8 {k8p}")
+    log(f"kernel {name}: runs {runs}, 4-bit chunks {chunks4}, K8 {k8p}, {t}")
     return {"name": name, "m": m, "n": n, "k": k, "ratio": ratio, "int4_mma": int4,
+            "tiles": [t.wm, t.wn, t.warps_m, t.warps_n],
             "check": check, "seed": seed, "operands_sha256": _digest(ops),
             "run_table": arrays["run_table"].tolist(), "sources": keys,
             "shapes": {key: list(arrays[key].shape) for key in ("A8", "W8", "A4", "W4")}}
@@ -170,6 +175,7 @@ def _model(bundle, target, name, log):
 
 def prepare(args) -> None:
     from flexiq_tvm.schedules.cuda import arch_has_int4_mma
+    from flexiq_tvm.schedules.cuda.layout import Tiles
 
     bundle = Path(args.bundle)
     if bundle.exists():
@@ -193,9 +199,11 @@ def prepare(args) -> None:
             for m, n, k in CHECKS:
                 kernels.append(_kernel(bundle, args.arch, f"check_{tag}_{m}x{n}x{k}_r{ratio:g}",
                                        m, n, k, ratio, int4, True, len(kernels), log))
-            for m, n, k in TIMINGS:
-                kernels.append(_kernel(bundle, args.arch, f"time_{tag}_{m}x{n}x{k}_r{ratio:g}",
-                                       m, n, k, ratio, int4, False, len(kernels), log))
+            for m, n, k in TIMINGS:  # as compile tiles it, and one 16 x 8 tile per warp
+                for tiles, tt in ((None, ""), (Tiles(), "_untiled")):
+                    kernels.append(_kernel(
+                        bundle, args.arch, f"time_{tag}{tt}_{m}x{n}x{k}_r{ratio:g}", m, n, k,
+                        ratio, int4, False, len(kernels), log, tiles))
     target = {"kind": "cuda", "arch": args.arch}
     models = [_model(bundle, target, name, log) for name in args.models]
     manifest = {"arch": args.arch, "python": args.python_version, "tvm_ffi": ffi,
@@ -221,7 +229,7 @@ def run_kernel(bundle, spec, dev, rng):
 
     mod = tvm.runtime.load_module(str(bundle / "kernels" / f"{spec['name']}.so"))
     m, n, k = spec["m"], spec["n"], spec["k"]
-    res = {key: spec[key] for key in ("m", "n", "k", "ratio", "int4_mma")}
+    res = {key: spec[key] for key in ("m", "n", "k", "ratio", "int4_mma", "tiles")}
     if spec["check"]:
         ops = operands(m, n, k, spec["ratio"], spec["seed"])
         if _digest(ops) != spec["operands_sha256"]:

@@ -49,6 +49,47 @@ def test_fragment_layout_emulation_equals_oracle(int4_mma, signed, n_low):
     assert chunks4 == int(arrays["run_table"][:, 1].sum())
 
 
+@pytest.mark.parametrize("tiles", [(1, 1, 1, 1), (2, 2, 2, 1), (4, 2, 1, 2), None])
+@pytest.mark.parametrize("int4_mma", [True, False])
+def test_tiled_gemm_emulation_equals_oracle(tiles, int4_mma):
+    """Warps of several MMA tiles, CTAs of several warps: every output written once (the
+    emulation checks), each equal to the oracle. ``None``: the tiling compile picks."""
+    from flexiq_tvm.schedules.cuda.layout import Tiles, gemm_tiles
+
+    m, n, k = 64, 32, 150
+    (a8, w8, a4, w4, shift), want = _layer_operands(m, n, k, 60, False, seed=4)
+    arrays, runs, _, k8p = pack(a8, w8, a4, w4, shift, int4_mma)
+    t = gemm_tiles(m, n) if tiles is None else Tiles(*tiles)
+    assert np.array_equal(emulate(arrays, m, n, k8p, runs, int4_mma, False, t), want)
+
+
+def test_gemm_tiles_divide_the_output():
+    from flexiq_tvm.schedules.cuda.layout import Tiles, gemm_tiles
+
+    assert gemm_tiles(4096, 4096) == Tiles(4, 2, 2, 4)  # 64 x 16 per warp, 128 x 64 per CTA
+    assert gemm_tiles(100352, 64) == Tiles(4, 2, 2, 4)
+    assert gemm_tiles(784, 16) == Tiles(1, 2, 1, 1)  # ResNet-20's first stage, one image
+    assert gemm_tiles(48, 24) == Tiles(1, 1, 1, 1)
+    for m, n in ((4096, 4096), (100352, 64), (784, 16), (48, 24), (96, 40)):
+        t = gemm_tiles(m, n)
+        assert m % t.block_m == 0 and n % t.block_n == 0
+    with pytest.raises(ValueError, match="not a multiple of the 128 x 64 CTA"):
+        mixed_gemm(64, 64, 32, 0, 0, False, tiles=Tiles(4, 2, 2, 4))
+    with pytest.raises(AssertionError, match="exactly once"):  # the emulation's own check
+        emulate({"A8": np.zeros((32, 8), np.uint32), "W8": np.zeros((16, 8), np.uint32),
+                 "A4": np.zeros((32, 1), np.uint32), "W4": np.zeros((16, 1), np.uint32),
+                 "run_table": np.zeros((1, 3), np.int32)}, 32, 16, 32, 0, False, False,
+                _OneWarpShort())
+
+
+class _OneWarpShort:
+    """A tiling that launches one warp per CTA where its origins expect two: half the
+    columns are never written, which the emulation must notice."""
+    wm = wn = warps_m = warps = 1
+    warps_n = 2
+    block_m, block_n = 16, 16
+
+
 def test_arch_table():
     assert [gemm_path(a) for a in ("sm_61", "sm_75", "sm_80", "sm_89", "sm_90", "sm_90a")] == [
         "dp4a", "dp4a", "mma_s4", "mma_s4", "mma_s8", "mma_s8"]

@@ -6,6 +6,8 @@ See :mod:`.mixed` for the fragment layouts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 K8_CHUNK = 32  # m16n8k32 (int8)
@@ -31,6 +33,70 @@ def arch_has_int4_mma(arch: str) -> bool:
     """INT4 ``mma.sync`` on this ``sm_XY``: Turing/Ampere/Ada yes, Hopper (sm_90) no."""
     major_minor = int(arch.split("_")[1].rstrip("a"))
     return 75 <= major_minor < 90
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How :func:`~.mixed.mixed_gemm` tiles its output: each warp computes ``wm x wn`` MMA
+    tiles (``16 wm x 8 wn`` outputs), loading ``wm`` A and ``wn`` B fragments per K-chunk for
+    ``wm * wn`` MMAs (register reuse); a CTA holds ``warps_m x warps_n`` warps whose loads of
+    the same rows and columns meet in L1. ``Tiles()`` is one 16 x 8 tile per one-warp CTA."""
+
+    wm: int = 1
+    wn: int = 1
+    warps_m: int = 1
+    warps_n: int = 1
+
+    @property
+    def block_m(self) -> int:
+        return TILE_M * self.wm * self.warps_m
+
+    @property
+    def block_n(self) -> int:
+        return TILE_N * self.wn * self.warps_n
+
+    @property
+    def warps(self) -> int:
+        return self.warps_m * self.warps_n
+
+
+def gemm_tiles(m: int, n: int) -> Tiles:
+    """The largest tiling that divides an ``m x n`` output (``m``/``n`` multiples of 16/8):
+    up to 4 x 2 MMA tiles per warp (64 x 16 outputs; 32 accumulator registers plus 32 for a
+    4-bit run's partial sums) and 2 x 4 warps per CTA (128 x 64 outputs, 256 threads)."""
+    def largest(total, options):
+        return next(v for v in options if total % v == 0)
+
+    wm = largest(m // TILE_M, (4, 2, 1))
+    wn = largest(n // TILE_N, (2, 1))
+    return Tiles(wm, wn, largest(m // (TILE_M * wm), (2, 1)),
+                 largest(n // (TILE_N * wn), (4, 2, 1)))
+
+
+# Where the kernel reads and writes, per lane (``lane`` in 0..31) and fragment register ``i``:
+# written once for the kernel and the emulation, on ints or TIR expressions. The emulation's
+# MMA reads the registers with the PTX ISA's own tables, written apart from these.
+
+
+def warp_origin(by, bx, warp, t: Tiles):
+    """First output row and column of warp ``warp`` of CTA ``(by, bx)``."""
+    return ((by * t.warps_m + warp // t.warps_n) * (TILE_M * t.wm),
+            (bx * t.warps_n + warp % t.warps_n) * (TILE_N * t.wn))
+
+
+def a_frag(lane, i):
+    """A fragment register ``i``: (row in the 16-row tile, word in the K-chunk)."""
+    return lane // 4 + 8 * (i % 2), lane % 4 + 4 * (i // 2)
+
+
+def b_frag(lane, i):
+    """B fragment register ``i``: (column in the 8-column tile, word in the K-chunk)."""
+    return lane // 4, lane % 4 + 4 * i
+
+
+def c_frag(lane, i):
+    """Accumulator register ``i``: (row, column) in the 16 x 8 tile."""
+    return lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2
 
 
 def _words(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -91,10 +157,11 @@ def pack(a8, w8, a4, w4, shift4, int4_mma: bool):
 
 
 def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
-            act_signed: bool = False) -> np.ndarray:
+            act_signed: bool = False, tiles: Tiles = Tiles()) -> np.ndarray:
     """The kernel's arithmetic on the CPU, fragment by fragment, following the same
     per-lane register indices and the PTX MMA definition (D = A x B + C on the fragments'
-    logical matrices). Checks the index math of :func:`mixed_gemm` against the oracle."""
+    logical matrices). Checks the index math of :func:`mixed_gemm` against the oracle, with
+    the same ``tiles``; raises if the CTAs' warps do not write every output exactly once."""
     def unpack(words, bits, signed=True):
         per = 32 // bits
         w = words.astype(np.int64)[..., None] >> (np.arange(per) * bits)
@@ -128,34 +195,47 @@ def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
                 out[lane][i] += tile[g + 8 * (i // 2), 2 * t + i % 2]
 
     C = np.zeros((m, n), np.int64)
+    writes = np.zeros((m, n), np.int64)
     A8, W8, A4, W4, table = (arrays[k] for k in ("A8", "W8", "A4", "W4", "run_table"))
     bits4 = 4 if int4_mma else 8
     words4 = chunk4(int4_mma) // (32 // bits4)
-    for by in range(m // TILE_M):
-        for bx in range(n // TILE_N):
-            acc = [[0] * 4 for _ in range(32)]
-            lanes = range(32)
-            for kc in range(k8p // K8_CHUNK):
-                a = [[A8[by * 16 + ln // 4 + 8 * (i % 2), kc * 8 + ln % 4 + 4 * (i // 2)]
-                      for i in range(4)] for ln in lanes]
-                b = [[W8[bx * 8 + ln // 4, kc * 8 + ln % 4 + 4 * i] for i in range(2)]
-                     for ln in lanes]
-                scatter(mma(a, b, 8, act_signed), acc, 0, 0)
-            for r in range(runs):
-                part = [[0] * 4 for _ in range(32)]
-                first, count, shift = (int(v) for v in table[r])
-                for kc in range(count):
-                    ch = first + kc
-                    a = [[A4[by * 16 + ln // 4 + 8 * (i % 2), ch * words4 + ln % 4 + 4 * (i // 2)]
-                          for i in range(4)] for ln in lanes]
-                    b = [[W4[bx * 8 + ln // 4, ch * words4 + ln % 4 + 4 * i] for i in range(2)]
-                         for ln in lanes]
-                    scatter(mma(a, b, bits4, act_signed), part, 0, 0)
-                for ln in lanes:
-                    for i in range(4):
-                        acc[ln][i] += part[ln][i] << shift
-            for ln in lanes:
-                g, t = ln // 4, ln % 4
-                for i in range(4):
-                    C[by * 16 + g + 8 * (i // 2), bx * 8 + 2 * t + i % 2] = acc[ln][i]
+    lanes = range(32)
+
+    def load(buf, r0, c0, kw):  # the kernel's fragment loads of one 16 x 8 tile
+        a = [[buf[0][r0 + a_frag(ln, i)[0], kw + a_frag(ln, i)[1]] for i in range(4)]
+             for ln in lanes]
+        b = [[buf[1][c0 + b_frag(ln, i)[0], kw + b_frag(ln, i)[1]] for i in range(2)]
+             for ln in lanes]
+        return a, b
+
+    t = tiles
+    if m % t.block_m or n % t.block_n:
+        raise ValueError(f"{m} x {n} is not a multiple of the {t.block_m} x {t.block_n} CTA")
+    for by in range(m // t.block_m):
+        for bx in range(n // t.block_n):
+            for warp in range(t.warps):
+                row0, col0 = warp_origin(by, bx, warp, t)
+                for ti in range(t.wm):
+                    for tj in range(t.wn):
+                        r0, c0 = row0 + ti * TILE_M, col0 + tj * TILE_N
+                        acc = [[0] * 4 for _ in lanes]
+                        for kc in range(k8p // K8_CHUNK):
+                            a, b = load((A8, W8), r0, c0, kc * 8)
+                            scatter(mma(a, b, 8, act_signed), acc, 0, 0)
+                        for r in range(runs):
+                            part = [[0] * 4 for _ in lanes]
+                            first, count, shift = (int(v) for v in table[r])
+                            for ch in range(first, first + count):
+                                a, b = load((A4, W4), r0, c0, ch * words4)
+                                scatter(mma(a, b, bits4, act_signed), part, 0, 0)
+                            for ln in lanes:
+                                for i in range(4):
+                                    acc[ln][i] += part[ln][i] << shift
+                        for ln in lanes:
+                            for i in range(4):
+                                rr, cc = c_frag(ln, i)
+                                C[r0 + rr, c0 + cc] = acc[ln][i]
+                                writes[r0 + rr, c0 + cc] += 1
+    if not (writes == 1).all():
+        raise AssertionError("the tiling does not write every output exactly once")
     return C.astype(np.int32)
