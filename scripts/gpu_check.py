@@ -308,12 +308,15 @@ def run_model(bundle, spec, dev):
 def run(args) -> None:
     import tvm
 
+    from flexiq_tvm.runtime import cuda
     from flexiq_tvm.runtime.cuda import add_binaries, cuda_runtime
 
     bundle = Path(args.bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    if not cuda_runtime() or not tvm.cuda(0).exist:
-        raise SystemExit("no CUDA device (or TVM's CUDA runtime could not load)")
+    if not cuda_runtime():
+        raise SystemExit(f"TVM's CUDA runtime did not load: {cuda.LOAD_ERROR}")
+    if not tvm.cuda(0).exist:
+        raise SystemExit("no CUDA device")
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
     doc = {"device": dev.device_name, "arch": arch, "bundle_arch": manifest["arch"],

@@ -63,6 +63,43 @@ def test_tiled_gemm_emulation_equals_oracle(tiles, int4_mma):
     assert np.array_equal(emulate(arrays, m, n, k8p, runs, int4_mma, False, t), want)
 
 
+def test_fragment_order_puts_each_lanes_registers_side_by_side():
+    """Stored order: lane l's A registers 0..3 at words 4 (l % 2) .. +3 of row l // 2, its B
+    registers at 2 (l % 4) .. +1 of row l // 4; a_home / b_home find a logical word again."""
+    from flexiq_tvm.schedules.cuda.layout import (
+        a_frag,
+        a_home,
+        a_stored,
+        b_frag,
+        b_home,
+        fragment_order,
+    )
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 2**32, (32, 16), dtype=np.uint32)  # 2 x 2 blocks
+    b = rng.integers(0, 2**32, (16, 16), dtype=np.uint32)
+    fa, fb = fragment_order(a, "a"), fragment_order(b, "b")
+    for br, bc in ((0, 0), (1, 1), (0, 1)):
+        for lane in range(32):
+            got = fa[br * 16 + lane // 2, bc * 8 + 4 * (lane % 2): bc * 8 + 4 * (lane % 2) + 4]
+            want = [a[br * 16 + a_frag(lane, i)[0], bc * 8 + a_frag(lane, i)[1]] for i in range(4)]
+            assert got.tolist() == want
+            got = fb[br * 8 + lane // 4, bc * 8 + 2 * (lane % 4): bc * 8 + 2 * (lane % 4) + 2]
+            want = [b[br * 8 + b_frag(lane, i)[0], bc * 8 + b_frag(lane, i)[1]] for i in range(2)]
+            assert got.tolist() == want
+    for r in range(16):
+        for w in range(8):
+            assert a_stored(*a_home(r, w)) == (r, w)
+            hr, hw = a_home(r, w)
+            assert fa[hr, hw] == a[r, w]
+            if r < 8:
+                hr, hw = b_home(r, w)
+                assert fb[hr, hw] == b[r, w]
+    assert sorted(fa.ravel().tolist()) == sorted(a.ravel().tolist())  # a permutation
+    with pytest.raises(ValueError, match="8-word K-chunks"):
+        fragment_order(a[:, :12], "a")
+
+
 def test_gemm_tiles_divide_the_output():
     from flexiq_tvm.schedules.cuda.layout import Tiles, gemm_tiles
 
@@ -123,19 +160,52 @@ def test_cuda_compiles_to_tensor_core_mma(arch, tmp_path):
     if not int4:  # Hopper: the 4-bit block runs as a second int8 MMA stream
         assert ptx.count(mma8) >= 2
     assert bytes(cubin[:4]) == b"\x7fELF" and len(cubin) > 1000
-    imma = _imma(cubin)  # the machine code: tensor-core IMMA, the s4 one where the arch has it
+    code = _sass(cubin)  # the machine code: tensor-core IMMA, the s4 one where the arch has it
+    imma = _imma(code)
     assert "IMMA.16832.U8.S8" in imma and ("IMMA.16864.U4.S4" in imma) == int4, imma
+    # fragments in fragment order: one 16-byte load per A fragment, 8 bytes per B fragment
+    assert "LDG.E.128" in code and "LDG.E.64" in code
 
 
-def _imma(binary) -> set[str]:
-    """The IMMA (integer tensor-core) instructions in a cubin's SASS."""
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch,int4", [("sm_80", True), ("sm_90", False), ("sm_90", True)])
+def test_tiled_gemm_keeps_its_tiles_in_registers(arch, int4, tmp_path):
+    """The 4096^3 kernel as compile tiles it (4 x 2 MMA tiles per warp, 8 warps): ptxas
+    keeps its accumulators and fragments in registers (no local-memory spills) within the
+    255 a thread may have."""
     import re
+    import subprocess
 
+    import tvm
+    from flexiq_tvm.schedules.cuda.layout import Tiles, gemm_tiles
+
+    from flexiq_tvm.runtime.cuda import cuda_sources
+
+    assert gemm_tiles(4096, 4096) == Tiles(4, 2, 2, 4)
+    ex = tvm.compile(tvm.IRModule({"main": mixed_gemm(4096, 4096, 2048, 9, 37, int4)}),
+                     target={"kind": "cuda", "arch": arch})
+    (tmp_path / "k.cu").write_text(cuda_sources(ex.mod)[0])
+    r = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
+                        str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                       capture_output=True, text=True, check=True)
+    assert "0 bytes spill stores, 0 bytes spill loads" in r.stderr, r.stderr
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    assert 64 < regs <= 255, regs  # the tiles' 32 + 32 accumulators and 12 fragment words
+
+
+def _sass(binary) -> str:
     from flexiq_tvm.runtime.cuda import cuda_tool, sass
 
     if cuda_tool("cuobjdump") is None or cuda_tool("nvdisasm") is None:
         pytest.skip("cuobjdump / nvdisasm are not installed: SASS not read")
-    return set(re.findall(r"IMMA\.[0-9A-Z.]+", sass(bytes(binary))))
+    return sass(bytes(binary))
+
+
+def _imma(code: str) -> set[str]:
+    """The IMMA (integer tensor-core) instructions in SASS text."""
+    import re
+
+    return set(re.findall(r"IMMA\.[0-9A-Z.]+", code))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -153,7 +223,7 @@ def test_hopper_runs_s4_mma_as_int8_imma():
     assert "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32" in src
     with target:
         cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
-    assert _imma(cubin) == {"IMMA.16832.U8.S8"}
+    assert _imma(_sass(cubin)) == {"IMMA.16832.U8.S8"}
 
 
 # ----------------------------------------------------------------- whole models (CUDA lowering)

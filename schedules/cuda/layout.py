@@ -99,6 +99,65 @@ def c_frag(lane, i):
     return lane // 4 + 8 * (i // 2), 2 * (lane % 4) + i % 2
 
 
+# Fragment order: the words of each 16-row (A) or 8-row (B) block and 8-word K-chunk are
+# stored so that a lane's fragment registers are consecutive words, one vector load each
+# (16 bytes for A, 8 for B); a warp's load then reads whole 32-byte rows.
+
+
+def a_slot(lane, i):
+    """Where A register ``i`` of ``lane`` is stored in its 16-row x 8-word block."""
+    return lane // 2, (lane % 2) * 4 + i
+
+
+def b_slot(lane, i):
+    """Where B register ``i`` of ``lane`` is stored in its 8-row x 8-word block."""
+    return lane // 4, (lane % 4) * 2 + i
+
+
+def a_stored(row, word):
+    """The logical (row, word) of the A word stored at block position (row, word): the
+    inverse of :func:`a_slot` followed by :func:`a_frag` (what the packing kernel writes)."""
+    return a_frag(2 * row + word // 4, word % 4)
+
+
+def a_home(row, word):
+    """Block position where the A word of logical (row, word) is stored (inverse of
+    :func:`a_stored`; what a reader of logical words, like ``reference_gemm``, addresses)."""
+    return a_slot(4 * (row % 8) + word % 4, 2 * (word // 4) + row // 8)
+
+
+def b_home(row, word):
+    """Block position where the B word of logical (column row, word) is stored."""
+    return b_slot(4 * row + word % 4, word // 4)
+
+
+def _block_order(rows: int, slot, frag, regs: int) -> np.ndarray:
+    """Flat source index (logical row * 8 + word) of each stored position of one block."""
+    order = np.zeros(rows * 8, np.int64)
+    for lane in range(32):
+        for i in range(regs):
+            (sr, sw), (lr, lw) = slot(lane, i), frag(lane, i)
+            order[sr * 8 + sw] = lr * 8 + lw
+    return order
+
+
+def fragment_order(words: np.ndarray, operand: str) -> np.ndarray:
+    """Row-major K words ``(R, W)`` (``R`` a multiple of 16 for ``"a"``, 8 for ``"b"``; ``W``
+    a multiple of 8, or the kernels' 1-word placeholder of an empty block) in fragment order."""
+    words = np.asarray(words)
+    if words.shape[1] % 8:
+        if words.shape[1] == 1 and not words.any():
+            return words
+        raise ValueError(f"{words.shape[1]} words per row: not whole 8-word K-chunks")
+    rows = TILE_M if operand == "a" else TILE_N
+    slot, frag, regs = (a_slot, a_frag, 4) if operand == "a" else (b_slot, b_frag, 2)
+    r, w = words.shape
+    blocks = words.reshape(r // rows, rows, w // 8, 8).transpose(0, 2, 1, 3).reshape(
+        r // rows, w // 8, rows * 8)
+    out = blocks[..., _block_order(rows, slot, frag, regs)]
+    return out.reshape(r // rows, w // 8, rows, 8).transpose(0, 2, 1, 3).reshape(r, w)
+
+
 def _words(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack int codes along the last axis into uint32 words (lowest index, lowest bits)."""
     per = 32 // bits
@@ -148,11 +207,14 @@ def pack(a8, w8, a4, w4, shift4, int4_mma: bool):
     cols4, table, chunk = layout4(shift4, int4_mma)
     bits4 = 4 if int4_mma else 8
     w4_words = max(chunk * chunk4(int4_mma) * bits4 // 32, 1)
-    arrays = {"A8": _words(take_columns(np.asarray(a8), cols8, max(k8p, 4)), 8),
-              "W8": _words(take_columns(np.asarray(w8), cols8, max(k8p, 4)), 8),
-              "A4": _words(take_columns(np.asarray(a4), cols4, w4_words * 32 // bits4), bits4),
-              "W4": _words(take_columns(np.asarray(w4), cols4, w4_words * 32 // bits4), bits4),
-              "run_table": np.array(table or [(0, 0, 0)], np.int32)}
+    arrays = {
+        "A8": fragment_order(_words(take_columns(np.asarray(a8), cols8, max(k8p, 4)), 8), "a"),
+        "W8": fragment_order(_words(take_columns(np.asarray(w8), cols8, max(k8p, 4)), 8), "b"),
+        "A4": fragment_order(_words(take_columns(np.asarray(a4), cols4,
+                                                 w4_words * 32 // bits4), bits4), "a"),
+        "W4": fragment_order(_words(take_columns(np.asarray(w4), cols4,
+                                                 w4_words * 32 // bits4), bits4), "b"),
+        "run_table": np.array(table or [(0, 0, 0)], np.int32)}
     return arrays, len(table), chunk, k8p
 
 
@@ -202,9 +264,9 @@ def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
     lanes = range(32)
 
     def load(buf, r0, c0, kw):  # the kernel's fragment loads of one 16 x 8 tile
-        a = [[buf[0][r0 + a_frag(ln, i)[0], kw + a_frag(ln, i)[1]] for i in range(4)]
+        a = [[buf[0][r0 + a_slot(ln, i)[0], kw + a_slot(ln, i)[1]] for i in range(4)]
              for ln in lanes]
-        b = [[buf[1][c0 + b_frag(ln, i)[0], kw + b_frag(ln, i)[1]] for i in range(2)]
+        b = [[buf[1][c0 + b_slot(ln, i)[0], kw + b_slot(ln, i)[1]] for i in range(2)]
              for ln in lanes]
         return a, b
 

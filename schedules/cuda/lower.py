@@ -32,7 +32,19 @@ from tvm.script import tirx as T
 from flexiq_tvm.reference import act_range, extract_bits
 
 from ..arith import code8, extract4
-from .layout import K8_CHUNK, TILE_M, TILE_N, _words, chunk4, layout4, take_columns
+from .layout import (
+    K8_CHUNK,
+    TILE_M,
+    TILE_N,
+    _words,
+    a_home,
+    a_stored,
+    b_home,
+    chunk4,
+    fragment_order,
+    layout4,
+    take_columns,
+)
 
 
 def _round_up(v: int, m: int) -> int:
@@ -80,8 +92,8 @@ def gemm_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarr
     return GemmLayout(
         m=_round_up(m, TILE_M), n=n, k8p=k8p, runs=len(table), chunks4=chunks4,
         w8_words=w8, w4_words=w4, int4_mma=int4_mma,
-        W8=_words(take_columns(wk, rows8, w8 * 4), 8),
-        W4=_words(take_columns(w4codes, cols4, w4 * per4), 32 // per4),
+        W8=fragment_order(_words(take_columns(wk, rows8, w8 * 4), 8), "b"),
+        W4=fragment_order(_words(take_columns(w4codes, cols4, w4 * per4), 32 // per4), "b"),
         run_table=np.array(table or [(0, 0, 0)], np.int32),
         src8=src8, src4=src4, sa4=sa4)
 
@@ -136,7 +148,7 @@ def _im2col_codes(x, conv: dict | None, inv: float, signed: bool, exact: bool):
 def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv: float,
                      signed: bool, exact: bool) -> tirx.PrimFunc:
     """``main(x, src8, src4, sa4, A8w, A4w)``: the layer's input quantized and laid out as
-    :func:`~.mixed.mixed_gemm`'s activation words.
+    :func:`~.mixed.mixed_gemm`'s activation words (in fragment order).
 
     ``x`` is NCHW (``conv`` = dict of ``kh, kw, stride, dilation, pad (top, left), oh, ow``)
     or ``(M, C)`` rows of a linear layer (``conv`` None). Rows past ``M`` and padding taps
@@ -165,8 +177,19 @@ def pack_activations(layout: GemmLayout, x_shape: tuple, conv: dict | None, inv:
             out = out | tirx.shift_left(b, tirx.const(bits4 * j, "uint32"))
         return out
 
-    a8 = te.compute((layout.m, layout.w8_words), word8, "A8w")
-    a4 = te.compute((layout.m, layout.w4_words), word4, "A4w")
+    def stored(word, words: int):
+        """The word at storage position (row, w): fragment order (an empty block's 1-word
+        placeholder is left as is)."""
+        if words % 8:
+            return word
+
+        def f(row, w):
+            r, k = a_stored(row % TILE_M, w % 8)
+            return word(row // TILE_M * TILE_M + r, w // 8 * 8 + k)
+        return f
+
+    a8 = te.compute((layout.m, layout.w8_words), stored(word8, layout.w8_words), "A8w")
+    a4 = te.compute((layout.m, layout.w4_words), stored(word4, layout.w4_words), "A4w")
     return _prim([x, src8, src4, sa4, a8, a4])
 
 
@@ -269,6 +292,14 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
     words4 = chunk4(int4_mma) // per4
     runs_n = max(runs, 1)
 
+    def a_at(buf, row, wd):  # the logical word (row, wd) of fragment-ordered A words
+        r, w = a_home(row % TILE_M, wd % 8)
+        return buf[row // TILE_M * TILE_M + r, wd // 8 * 8 + w]
+
+    def b_at(buf, row, wd):
+        r, w = b_home(row % TILE_N, wd % 8)
+        return buf[row // TILE_N * TILE_N + r, wd // 8 * 8 + w]
+
     def field(word, j, bits, signed):
         v = T.bitwise_and(T.shift_right(word, T.uint32(j * bits)), T.uint32((1 << bits) - 1))
         v = T.Cast("int32", v)
@@ -286,17 +317,18 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
                 acc[0] = 0
                 for wd in range(k8 // 4):
                     for b in T.unroll(4):
-                        acc[0] = acc[0] + field(A8[i, wd], b, 8, act_signed) * field(
-                            W8[j, wd], b, 8, True)
+                        acc[0] = acc[0] + field(a_at(A8, i, wd), b, 8, act_signed) * field(
+                            b_at(W8, j, wd), b, 8, True)
                 for r in range(runs):
                     part[0] = 0
                     for kc in range(run_table[r, 1]):
                         for wd in range(words4):
                             for b in T.unroll(per4):
                                 part[0] = part[0] + field(
-                                    A4[i, (run_table[r, 0] + kc) * words4 + wd], b, bits4,
-                                    act_signed) * field(
-                                    W4[j, (run_table[r, 0] + kc) * words4 + wd], b, bits4, True)
+                                    a_at(A4, i, (run_table[r, 0] + kc) * words4 + wd), b,
+                                    bits4, act_signed) * field(
+                                    b_at(W4, j, (run_table[r, 0] + kc) * words4 + wd), b,
+                                    bits4, True)
                     acc[0] = acc[0] + T.shift_left(part[0], run_table[r, 2])
                 C[i, j] = acc[0]
 

@@ -19,14 +19,17 @@ the PTX ISA register layouts of ``mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s3
 ``...m16n8k64...s4.s4...``: with ``g = lane / 4`` and ``t = lane % 4``, register ``i`` of A
 holds row ``g + 8 (i % 2)``, K words ``t + 4 (i / 2)``; register ``i`` of B holds column ``g``,
 K word ``t + 4 i``; accumulator ``i`` is row ``g + 8 (i / 2)``, column ``2 t + i % 2``. A K word
-is 4 int8 or 8 int4 values (lowest index in the lowest bits), so the host packs K contiguously
-and every fragment register is one aligned 32-bit load.
+is 4 int8 or 8 int4 values (lowest index in the lowest bits). The host (and the packing
+kernel) store each 16 x 8-word A block and 8 x 8-word B block in fragment order
+(:func:`~.layout.fragment_order`): a lane's 4 A registers are 4 consecutive words, its 2 B
+registers 2, so each fragment is one 16- or 8-byte vector load and a warp reads whole
+32-byte rows.
 
 Per architecture: ``int4_mma=True`` (sm_80 / sm_86 / sm_89) runs the 4-bit block on the s4
 MMA (K-chunks of 64); ``int4_mma=False`` (sm_90: Hopper has no INT4 tensor-core path) runs
 it as INT8 MMA over unpacked 4-bit values (K-chunks of 32), so the 4-bit block then only
 saves the 8-bit block's memory traffic, not MMA issue slots. The per-lane addresses
-(:func:`~.layout.a_frag`, ``b_frag``, ``c_frag``, ``warp_origin``) are shared with the CPU
+(:func:`~.layout.a_slot`, ``b_slot``, ``c_frag``, ``warp_origin``) are shared with the CPU
 emulation (:func:`~.layout.emulate`), whose MMA reads the registers by the ISA's tables.
 """
 
@@ -34,14 +37,14 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .layout import (  # noqa: F401
+from .layout import (  # noqa: F401  (re-exported: callers import them from here)
     K8_CHUNK,
     TILE_M,
     TILE_N,
     Tiles,
-    a_frag,
+    a_slot,
     arch_has_int4_mma,
-    b_frag,
+    b_slot,
     c_frag,
     chunk4,
     gemm_path,
@@ -97,13 +100,13 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
                             acc[e] = 0
                         for kc in range(n8):  # 8-bit block: 32 K per MMA, 8 words per row
                             for ti in T.unroll(wm):
-                                for i in T.unroll(4):
-                                    a[ti * 4 + i] = A8[row0 + ti * TILE_M + a_frag(tx, i)[0],
-                                                       kc * 8 + a_frag(tx, i)[1]]
+                                for i in T.vectorized(4):
+                                    a[ti * 4 + i] = A8[row0 + ti * TILE_M + a_slot(tx, i)[0],
+                                                       kc * 8 + a_slot(tx, i)[1]]
                             for tj in T.unroll(wn):
-                                for i in T.unroll(2):
-                                    b[tj * 2 + i] = W8[col0 + tj * TILE_N + b_frag(tx, i)[0],
-                                                       kc * 8 + b_frag(tx, i)[1]]
+                                for i in T.vectorized(2):
+                                    b[tj * 2 + i] = W8[col0 + tj * TILE_N + b_slot(tx, i)[0],
+                                                       kc * 8 + b_slot(tx, i)[1]]
                             for ti in T.unroll(wm):
                                 for tj in T.unroll(wn):
                                     T.evaluate(T.ptx_legacy.mma(
@@ -116,13 +119,13 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
                             for kc in range(run_table[r, 1]):
                                 ch = run_table[r, 0] + kc
                                 for ti in T.unroll(wm):
-                                    for i in T.unroll(4):
-                                        a[ti * 4 + i] = A4[row0 + ti * TILE_M + a_frag(tx, i)[0],
-                                                           ch * words4 + a_frag(tx, i)[1]]
+                                    for i in T.vectorized(4):
+                                        a[ti * 4 + i] = A4[row0 + ti * TILE_M + a_slot(tx, i)[0],
+                                                           ch * words4 + a_slot(tx, i)[1]]
                                 for tj in T.unroll(wn):
-                                    for i in T.unroll(2):
-                                        b[tj * 2 + i] = W4[col0 + tj * TILE_N + b_frag(tx, i)[0],
-                                                           ch * words4 + b_frag(tx, i)[1]]
+                                    for i in T.vectorized(2):
+                                        b[tj * 2 + i] = W4[col0 + tj * TILE_N + b_slot(tx, i)[0],
+                                                           ch * words4 + b_slot(tx, i)[1]]
                                 for ti in T.unroll(wm):
                                     for tj in T.unroll(wn):
                                         T.evaluate(T.ptx_legacy.mma(

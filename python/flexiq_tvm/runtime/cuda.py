@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def cuda_runtime() -> bool:
     """Make sure TVM's CUDA runtime is loaded (and, without TVM's compiler, that CUDA source
     gets compiled at load); returns whether the runtime is loaded. Loading fails quietly
     where the CUDA driver or ``libcudart`` is missing: ``tvm.cuda(0).exist`` then says so."""
+    global LOAD_ERROR
     import tvm.base
     import tvm_ffi
     from tvm_ffi.libinfo import load_lib_ctypes
@@ -113,14 +115,50 @@ def cuda_runtime() -> bool:
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_callback,
                                      override=True)
     libs = tvm.base._LOADED_LIBS
-    if "tvm_runtime_cuda" not in libs:
+    for attempt in range(2):
+        if "tvm_runtime_cuda" in libs:
+            break
         try:
             libs["tvm_runtime_cuda"] = load_lib_ctypes(
                 "tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
                 extra_lib_paths=[Path(libs["tvm_runtime"]._name).resolve().parent])
-        except (OSError, RuntimeError):
-            return False
+        except (OSError, RuntimeError) as e:
+            LOAD_ERROR = f"{type(e).__name__}: {e}"
+            if attempt or not _preload_cuda_libs():
+                return False
     return True
+
+
+LOAD_ERROR: str | None = None  # why TVM's CUDA runtime did not load, if it did not
+
+
+def _preload_cuda_libs() -> bool:
+    """Load the CUDA driver and runtime that ``libtvm_runtime_cuda`` links (``libcuda.so.1``,
+    ``libcudart.so.13``) from where a CUDA install or the ``nvidia-*`` wheels keep them,
+    when the dynamic loader's path lacks them; returns whether any was loaded."""
+    import ctypes
+    import sysconfig
+
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr/local/nvidia"]
+    dirs = [Path(h, sub) for h in homes if h for sub in ("lib64", "lib")]
+    sites = {sysconfig.get_paths()["purelib"], *(p for p in sys.path if p)}
+    dirs += [Path(p, "nvidia", sub, "lib") for p in sites for sub in ("cu13", "cuda_runtime")]
+    loaded = False
+    for name in ("libcuda.so.1", "libcudart.so.13"):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)  # already on the loader's path
+            continue
+        except OSError:
+            pass
+        for d in dirs:
+            if (d / name).exists():
+                try:
+                    ctypes.CDLL(str(d / name), mode=ctypes.RTLD_GLOBAL)
+                    loaded = True
+                    break
+                except OSError:
+                    continue
+    return loaded
 
 
 def add_binaries(folder) -> int:
