@@ -7,9 +7,10 @@
 - ``kernels/``: the mixed GEMM (:func:`flexiq_tvm.schedules.cuda.mixed_gemm`) exported per
   case (the exactness cases' operands are regenerated there from their seeds);
 - ``models/``: zoo models compiled with ``flexiq_tvm.compile(target=cuda, expose_layers=True)``
-  at ratios 0 / 0.5 / 1, as artifacts, with their plans, layer records and two test images;
+  at the default ratios (0 / 0.25 / 0.5 / 0.75 / 1), as artifacts, with their plans, layer
+  records and two test images;
 - ``bin/<arch>/``: every CUDA source above compiled by nvcc (fatbin), so the GPU machine
-  compiles nothing; ``manifest.json``.
+  compiles nothing; ``manifest.json``. All of it is packed into ``bundle.tar.xz``.
 
 ``run`` (on the GPU, through ``scripts/gpu_check.sh``) writes one JSON document:
 
@@ -29,11 +30,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -100,11 +103,13 @@ def _ffi_wheel(folder: Path, python_version: str) -> str:
     import importlib.metadata as md
 
     version = md.version("apache-tvm-ffi")
+    # and its one requirement (pure Python), should that machine's Python lack it
+    wanted = [f"apache-tvm-ffi=={version}",
+              f"typing-extensions=={md.version('typing-extensions')}"]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
            "--python-version", python_version, "--implementation", "cp",
            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64",
-           "--platform", "manylinux_2_17_x86_64", "-d", str(folder),
-           f"apache-tvm-ffi=={version}"]
+           "--platform", "manylinux_2_17_x86_64", "-d", str(folder), *wanted]
     subprocess.run(cmd, check=True)
     return version
 
@@ -143,9 +148,10 @@ def _kernel(bundle, arch, name, m, n, k, ratio, int4, check, seed, log, tiles=No
             "shapes": {key: list(arrays[key].shape) for key in ("A8", "W8", "A4", "W4")}}
 
 
-def _model(bundle, target, name, log):
-    """Compile zoo model ``name`` for ``target`` with its layers exposed; write its artifact,
-    plan, layer records and two test images (and, for CUDA, its kernels' binaries)."""
+def _model(bundle, target, name, log, ratios=None):
+    """Compile zoo model ``name`` for ``target`` with its layers exposed, at ``ratios`` (the
+    default config's five unless given); write its artifact, plan, layer records and two
+    test images (and, for CUDA, its kernels' binaries)."""
     import flexiq_tvm
     from flexiq_tvm.api import layer_records
     from flexiq_tvm.config import FlexiQConfig
@@ -155,7 +161,9 @@ def _model(bundle, target, name, log):
 
     t = time.perf_counter()
     model = registry.get_model(name)
-    cfg = FlexiQConfig(selection="static", calib_images=32, ratios=RATIOS)
+    cfg = FlexiQConfig(selection="static", calib_images=32)
+    if ratios is not None:
+        cfg = dataclasses.replace(cfg, ratios=tuple(ratios))
     plan = zoo_plan(name, model, cfg)
     _, xs, _ = load_eval_data(name, 2)
     cm = flexiq_tvm.compile(model, xs[:1], plan=plan, config=cfg, expose_layers=True,
@@ -177,9 +185,10 @@ def prepare(args) -> None:
     from flexiq_tvm.schedules.cuda import arch_has_int4_mma
     from flexiq_tvm.schedules.cuda.layout import Tiles
 
-    bundle = Path(args.bundle)
-    if bundle.exists():
-        shutil.rmtree(bundle)
+    out = Path(args.bundle)
+    if out.exists():
+        shutil.rmtree(out)
+    bundle = out / "tree"  # packed into one bundle.tar.xz at the end
     for sub in ("py", "wheels", "kernels", "models", f"bin/{args.arch}"):
         (bundle / sub).mkdir(parents=True)
 
@@ -200,17 +209,23 @@ def prepare(args) -> None:
                 kernels.append(_kernel(bundle, args.arch, f"check_{tag}_{m}x{n}x{k}_r{ratio:g}",
                                        m, n, k, ratio, int4, True, len(kernels), log))
             for m, n, k in TIMINGS:  # as compile tiles it, and one 16 x 8 tile per warp
+                seed = len(kernels)  # both tilings on the same operands
                 for tiles, tt in ((None, ""), (Tiles(), "_untiled")):
                     kernels.append(_kernel(
                         bundle, args.arch, f"time_{tag}{tt}_{m}x{n}x{k}_r{ratio:g}", m, n, k,
-                        ratio, int4, False, len(kernels), log, tiles))
+                        ratio, int4, False, seed, log, tiles))
     target = {"kind": "cuda", "arch": args.arch}
     models = [_model(bundle, target, name, log) for name in args.models]
     manifest = {"arch": args.arch, "python": args.python_version, "tvm_ffi": ffi,
-                "ratios": list(RATIOS), "kernels": kernels, "models": models}
+                "kernel_ratios": list(RATIOS), "kernels": kernels, "models": models}
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=1))
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    log(f"bundle {bundle}: {size / 2**20:.1f} MiB")
+    with tarfile.open(out / "bundle.tar.xz", "w:xz") as tar:  # a third of the carry limit
+        tar.add(bundle, arcname=".")
+    shutil.rmtree(bundle)
+    packed = (out / "bundle.tar.xz").stat().st_size
+    log(f"bundle {out / 'bundle.tar.xz'}: {size / 2**20:.1f} MiB, {packed / 2**20:.1f} MiB "
+        "packed")
 
 
 # ---------------------------------------------------------------------------- run

@@ -70,7 +70,7 @@ def test_model_bundle_is_bit_exact_on_a_runtime_only_tvm(gpu_check, tmp_path):
     layers exposed, then loaded by a runtime-only TVM, every covered layer equals the oracle
     at ratios 0 / 0.5 / 1 (the very code the GPU machine runs)."""
     (tmp_path / "models").mkdir()
-    spec = gpu_check._model(tmp_path, "llvm", "resnet20_fmnist", print)
+    spec = gpu_check._model(tmp_path, "llvm", "resnet20_fmnist", print, ratios=(0, 0.5, 1))
     assert spec["layers"] == 22 and spec["sources"] == []  # 19 convs, 2 shortcuts, the fc
     res = _runtime_only(f"""
 import importlib.util, json, tvm, tvm.base
