@@ -176,9 +176,13 @@ def _model(bundle, target, name, log, ratios=None):
     keys = []
     if isinstance(target, dict) and target["kind"] == "cuda":
         keys = precompile(cm.exportable.mod, target["arch"], bundle / "bin" / target["arch"])
-    log(f"model {name}: {len(cm.layers)} layers, {time.perf_counter() - t:.0f} s")
+    size = (d / f"{name}.flexiq").stat().st_size
+    wb = cm.report.weight_bytes
+    log(f"model {name}: {len(cm.layers)} layers, {time.perf_counter() - t:.0f} s, ratios "
+        f"{list(cfg.ratios)}, weights INT8 {wb['int8']} B + INT4 {wb['int4_packed']} B, "
+        f"artifact {size} B")
     return {"name": name, "layers": len(cm.layers), "sources": keys,
-            "compile_s": time.perf_counter() - t}
+            "compile_s": time.perf_counter() - t, "weight_bytes": wb, "artifact_bytes": size}
 
 
 def prepare(args) -> None:

@@ -115,7 +115,7 @@ def test_gemm_tiles_divide_the_output():
     with pytest.raises(AssertionError, match="exactly once"):  # the emulation's own check
         emulate({"A8": np.zeros((32, 8), np.uint32), "W8": np.zeros((16, 8), np.uint32),
                  "A4": np.zeros((32, 1), np.uint32), "W4": np.zeros((16, 1), np.uint32),
-                 "run_table": np.zeros((1, 3), np.int32)}, 32, 16, 32, 0, False, False,
+                 "run_table": np.zeros((1, 4), np.int32)}, 32, 16, 32, 0, False, False,
                 _OneWarpShort())
 
 
@@ -290,6 +290,54 @@ def test_pack_activations_writes_the_kernel_words_and_the_gemm_equals_the_oracle
     assert np.array_equal(out.numpy()[:m, : w.shape[0]], want)
     em = emulate(got, lay.m, lay.n, lay.k8p, lay.runs, int4_mma, signed)
     assert np.array_equal(em[:m, : w.shape[0]], want)
+
+
+@pytest.mark.parametrize("int4_mma", [True, False])
+def test_weights_stored_once_serve_every_ratio(int4_mma):
+    """One layer's weight words for four ratios (0, 3, 7 and all 12 channels 4-bit, in a
+    random low-bit order): each ratio's layout reads the same W8 / W4 from its own offsets;
+    its activations packed by the packing kernel (built for the CPU), the GEMM in plain loops
+    and the fragment emulation all equal the oracle with that ratio's 4-bit channels, and
+    the shared words are smaller than the four ratios' own."""
+    import tvm
+    from flexiq_tvm.schedules.cuda import lower
+
+    x, codes, sa, sw, _, inv, qa, conv = _conv_case(False, seed=11)
+    o, c, kk = codes.shape
+    m = qa.shape[0]
+    rank = np.random.default_rng(12).permutation(c)
+    n_lows = (0, 3, 7, 12)
+    shared = lower.gemm_weights(codes, rank, sa, sw, int4_mma, n_lows)
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(np.asarray(a), dev)  # noqa: E731
+    w = codes.reshape(o, -1)
+    own = 0
+    for n_low in n_lows:
+        low = rank < n_low
+        lay = lower.ratio_layout(shared, n_low, sa, m)
+        assert lay.W8 is shared.W8 and lay.W4 is shared.W4
+        one = lower.gemm_layout(codes, low, sa, sw, int4_mma, m)
+        own += one.W8.nbytes * bool(one.k8p) + one.W4.nbytes * bool(one.chunks4)
+        a8 = t(np.zeros((lay.m, lay.w8_words), np.uint32))
+        a4 = t(np.zeros((lay.m, lay.w4_words), np.uint32))
+        pk = tvm.compile(tvm.IRModule({"main": lower.pack_activations(
+            lay, x.shape, conv, inv, False, exact=False).with_attr("global_symbol", "main")}),
+            target="llvm")
+        pk["main"](t(x), t(lay.src8), t(lay.src4), t(lay.sa4), a8, a4)
+        kw = dict(k8_first=lay.k8_first, wk8=lay.W8.shape[1], wk4=lay.W4.shape[1])
+        gemm = tvm.compile(tvm.IRModule({"main": lower.reference_gemm(
+            lay.m, lay.n, lay.k8p, lay.runs, lay.chunks4, int4_mma, False, **kw)}),
+            target="llvm")
+        out = t(np.zeros((lay.m, lay.n), np.int32))
+        gemm["main"](a8, t(lay.W8), a4, t(lay.W4), t(lay.run_table), out)
+        lowk = np.repeat(low, kk)
+        want = ref.mixed_matmul(qa, w, lowk, np.repeat(sa, kk), np.repeat(sw, kk), False)
+        assert np.array_equal(out.numpy()[:m, :o], want), n_low
+        em = emulate({"A8": a8.numpy(), "A4": a4.numpy(), "W8": lay.W8, "W4": lay.W4,
+                      "run_table": lay.run_table}, lay.m, lay.n, lay.k8p, lay.runs, int4_mma,
+                     False, k8_first=lay.k8_first)
+        assert np.array_equal(em[:m, :o], want), n_low
+    assert shared.W8.nbytes + shared.W4.nbytes < own / 2
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -214,16 +214,25 @@ def pack(a8, w8, a4, w4, shift4, int4_mma: bool):
                                                  w4_words * 32 // bits4), bits4), "a"),
         "W4": fragment_order(_words(take_columns(np.asarray(w4), cols4,
                                                  w4_words * 32 // bits4), bits4), "b"),
-        "run_table": np.array(table or [(0, 0, 0)], np.int32)}
+        "run_table": run_table([(f, c, sh, f) for f, c, sh in table])}
     return arrays, len(table), chunk, k8p
 
 
+def run_table(runs) -> np.ndarray:
+    """The GEMM's run table, one row per run: ``(first A4 chunk, chunks, shift, first W4
+    chunk)``. The weights may be stored once for several ratios while the activations are
+    packed per ratio, so a run's chunks start at different places in the two."""
+    return np.array(list(runs) or [(0, 0, 0, 0)], np.int32).reshape(-1, 4)
+
+
 def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
-            act_signed: bool = False, tiles: Tiles = Tiles()) -> np.ndarray:
+            act_signed: bool = False, tiles: Tiles = Tiles(), k8_first: int = 0) -> np.ndarray:
     """The kernel's arithmetic on the CPU, fragment by fragment, following the same
     per-lane register indices and the PTX MMA definition (D = A x B + C on the fragments'
     logical matrices). Checks the index math of :func:`mixed_gemm` against the oracle, with
-    the same ``tiles``; raises if the CTAs' warps do not write every output exactly once."""
+    the same ``tiles``; raises if the CTAs' warps do not write every output exactly once.
+    ``k8_first``: the 8-bit block's first chunk in ``W8`` (weights stored for several
+    ratios); the 4-bit runs' weight chunks come from the run table's last column."""
     def unpack(words, bits, signed=True):
         per = 32 // bits
         w = words.astype(np.int64)[..., None] >> (np.arange(per) * bits)
@@ -263,10 +272,10 @@ def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
     words4 = chunk4(int4_mma) // (32 // bits4)
     lanes = range(32)
 
-    def load(buf, r0, c0, kw):  # the kernel's fragment loads of one 16 x 8 tile
-        a = [[buf[0][r0 + a_slot(ln, i)[0], kw + a_slot(ln, i)[1]] for i in range(4)]
+    def load(buf, r0, c0, ka, kb):  # the kernel's fragment loads of one 16 x 8 tile
+        a = [[buf[0][r0 + a_slot(ln, i)[0], ka + a_slot(ln, i)[1]] for i in range(4)]
              for ln in lanes]
-        b = [[buf[1][c0 + b_slot(ln, i)[0], kw + b_slot(ln, i)[1]] for i in range(2)]
+        b = [[buf[1][c0 + b_slot(ln, i)[0], kb + b_slot(ln, i)[1]] for i in range(2)]
              for ln in lanes]
         return a, b
 
@@ -282,13 +291,14 @@ def emulate(arrays: dict, m: int, n: int, k8p: int, runs: int, int4_mma: bool,
                         r0, c0 = row0 + ti * TILE_M, col0 + tj * TILE_N
                         acc = [[0] * 4 for _ in lanes]
                         for kc in range(k8p // K8_CHUNK):
-                            a, b = load((A8, W8), r0, c0, kc * 8)
+                            a, b = load((A8, W8), r0, c0, kc * 8, (kc + k8_first) * 8)
                             scatter(mma(a, b, 8, act_signed), acc, 0, 0)
                         for r in range(runs):
                             part = [[0] * 4 for _ in lanes]
-                            first, count, shift = (int(v) for v in table[r])
-                            for ch in range(first, first + count):
-                                a, b = load((A4, W4), r0, c0, ch * words4)
+                            first, count, shift, first_w = (int(v) for v in table[r])
+                            for kc in range(count):
+                                a, b = load((A4, W4), r0, c0, (first + kc) * words4,
+                                            (first_w + kc) * words4)
                                 scatter(mma(a, b, bits4, act_signed), part, 0, 0)
                             for ln in lanes:
                                 for i in range(4):

@@ -42,7 +42,7 @@ from .layout import (
     b_home,
     chunk4,
     fragment_order,
-    layout4,
+    run_table,
     take_columns,
 )
 
@@ -58,44 +58,111 @@ class GemmLayout:
         self.__dict__.update(kw)
 
 
-def gemm_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarray,
-                int4_mma: bool, m: int) -> GemmLayout:
-    """Split one layer's reduction rows for :func:`~.mixed.mixed_gemm`.
+def gemm_weights(codes: np.ndarray, rank: np.ndarray, sa: np.ndarray, sw: np.ndarray,
+                 int4_mma: bool, n_lows) -> GemmLayout:
+    """One layer's weight words for :func:`~.mixed.mixed_gemm`, stored once for every ratio.
 
-    ``codes (O, C, KK)``: INT8 weight codes (reordered channels, taps flattened); ``low (C,)``:
-    the 4-bit channels at this ratio; ``sa``/``sw (C,)``: extraction shifts; ``m``: output
-    rows (pixels). Row ``k = c * KK + tap``. Returns the padded sizes, the kernel's weight
-    words and run table, and the activation row tables ``src8``/``src4`` (row ``k`` or -1)
-    and ``sa4`` that :func:`pack_activations` reads.
+    ``codes (O, C, KK)``: INT8 weight codes (taps flattened; row ``k = c * KK + tap``);
+    ``rank (C,)``: each channel's place in the low-bit order (a ratio's 4-bit channels are
+    those of rank below its ``n_low``); ``n_lows``: the compiled ratios' ``n_low``.
+
+    - ``W8``: the rows of the channels that are 8-bit at some ratio (rank >= min n_low), in
+      rank order: at every ratio its 8-bit rows are a suffix of them.
+    - ``W4``: the rows of the channels that are 4-bit at some ratio (rank < max n_low),
+      grouped by total shift ``sa + sw`` (one group per shift, padded to whole MMA K-chunks),
+      in rank order within a group: at every ratio its 4-bit rows are a prefix of each group.
     """
     o, c, kk = codes.shape
-    lowk = np.repeat(np.asarray(low, bool), kk)
-    rows8, rows4 = np.flatnonzero(~lowk), np.flatnonzero(lowk)
-    chan4 = rows4 // kk
-    shift4 = (sa.astype(np.int64) + sw)[chan4]
-    cols4, table, chunks4 = layout4(shift4, int4_mma)
-    k8p = _round_up(len(rows8), K8_CHUNK)
+    rank = np.asarray(rank)
+    order = np.argsort(rank, kind="stable")
+    n_min, n_max = int(min(n_lows)), int(max(n_lows))
+    c4 = chunk4(int4_mma)
     per4 = 8 if int4_mma else 4
-    w8 = max(k8p // 4, 1)
-    w4 = max(chunks4 * chunk4(int4_mma) // per4, 1)
+
+    def rows_of(chans):
+        return (np.asarray(chans, np.int64)[:, None] * kk + np.arange(kk)).ravel()
+
     n = _round_up(o, TILE_N)
     wk = np.zeros((n, c * kk), np.int64)
     wk[:o] = codes.reshape(o, c * kk)
-    w4codes = extract_bits(wk[:, rows4].astype(np.int32), sw[chan4], True)
-    src8 = np.full(w8 * 4, -1, np.int32)
-    src8[: len(rows8)] = rows8
-    src4 = np.full(w4 * per4, -1, np.int32)
-    sa4 = np.zeros(w4 * per4, np.int32)
+    ch8 = order[n_min:]
+    k8_all = _round_up(len(ch8) * kk, K8_CHUNK)
+    shift = (np.asarray(sa, np.int64) + sw)
+    groups, cols4, chunk = [], [], 0
+    low = order[:n_max]
+    for s_ in np.unique(shift[low]):
+        chans = low[shift[low] == s_]
+        rows = rows_of(chans)
+        k = _round_up(len(rows), c4)
+        groups.append((int(s_), chunk, chans))
+        cols4.append(np.concatenate([rows, np.full(k - len(rows), -1)]))
+        chunk += k // c4
+    cols4 = np.concatenate(cols4).astype(np.int64) if cols4 else np.zeros(0, np.int64)
+    codes4 = np.zeros((n, len(cols4)), np.int64)
     valid = cols4 >= 0
-    src4[: len(cols4)][valid] = rows4[cols4[valid]]
-    sa4[: len(cols4)][valid] = sa[chan4[cols4[valid]]]
+    codes4[:, valid] = extract_bits(wk[:, cols4[valid]].astype(np.int32),
+                                    np.asarray(sw)[cols4[valid] // kk], True)
+    wk4 = max(chunk * c4 // per4, 1)
     return GemmLayout(
-        m=_round_up(m, TILE_M), n=n, k8p=k8p, runs=len(table), chunks4=chunks4,
-        w8_words=w8, w4_words=w4, int4_mma=int4_mma,
-        W8=fragment_order(_words(take_columns(wk, rows8, w8 * 4), 8), "b"),
-        W4=fragment_order(_words(take_columns(w4codes, cols4, w4 * per4), 32 // per4), "b"),
-        run_table=np.array(table or [(0, 0, 0)], np.int32),
-        src8=src8, src4=src4, sa4=sa4)
+        n=n, kk=kk, rank=rank, n_min=n_min, ch8=ch8, groups=groups, int4_mma=int4_mma,
+        W8=fragment_order(_words(take_columns(wk, rows_of(ch8), max(k8_all, 4)), 8), "b"),
+        W4=fragment_order(_words(take_columns(codes4, np.arange(len(cols4)), wk4 * per4),
+                                 32 // per4), "b"))
+
+
+def ratio_layout(weights: GemmLayout, n_low: int, sa: np.ndarray, m: int) -> GemmLayout:
+    """One ratio's side of a layer's mixed GEMM over :func:`gemm_weights` (shared).
+
+    Returns the padded sizes, where this ratio's blocks start in the shared weights
+    (``k8_first``, the run table's last column), and the activation row tables
+    ``src8``/``src4`` (row ``k`` or -1: a zero code) and ``sa4`` that
+    :func:`pack_activations` reads. Rows that the shared weights hold but this ratio does not
+    use in a block (4-bit rows in the 8-bit block's first chunk, other channels' rows in a
+    run's last chunk) get zero activations, so they add nothing.
+    """
+    w, kk, int4_mma = weights, weights.kk, weights.int4_mma
+    c4, per4 = chunk4(int4_mma), 8 if int4_mma else 4
+    skip = (n_low - w.n_min) * kk  # stored 8-bit rows that are 4-bit at this ratio
+    rows8 = len(w.ch8) * kk
+    first = skip // K8_CHUNK
+    k8p = _round_up(rows8, K8_CHUNK) - first * K8_CHUNK if rows8 > skip else 0
+    a8 = max(k8p // 4, 1)
+    t = first * K8_CHUNK + np.arange(a8 * 4)
+    ok = (t >= skip) & (t < rows8)
+    src8 = np.full(a8 * 4, -1, np.int32)
+    if rows8:
+        tc = np.minimum(t, rows8 - 1)
+        src8 = np.where(ok, w.ch8[tc // kk] * kk + tc % kk, -1).astype(np.int32)
+    runs, src4, sa4, chunk = [], [], [], 0
+    for shift, g0, chans in w.groups:
+        low = chans[w.rank[chans] < n_low]  # a prefix of the group (rank order)
+        if not len(low):
+            continue
+        rows = (low[:, None] * kk + np.arange(kk)).ravel()
+        k = _round_up(len(rows), c4)
+        src4.append(np.concatenate([rows, np.full(k - len(rows), -1)]))
+        sa4.append(np.concatenate([np.repeat(np.asarray(sa)[low], kk), np.zeros(k - len(rows))]))
+        runs.append((chunk, k // c4, shift, g0))
+        chunk += k // c4
+    a4 = max(chunk * c4 // per4, 1)
+    pad = a4 * per4 - chunk * c4
+    return GemmLayout(
+        m=_round_up(m, TILE_M), n=w.n, k8p=k8p, k8_first=first, runs=len(runs),
+        chunks4=chunk, w8_words=a8, w4_words=a4, int4_mma=int4_mma, W8=w.W8, W4=w.W4,
+        run_table=run_table(runs),
+        src8=src8,
+        src4=np.concatenate([*src4, np.full(pad, -1)]).astype(np.int32),
+        sa4=np.concatenate([*sa4, np.zeros(pad)]).astype(np.int32))
+
+
+def gemm_layout(codes: np.ndarray, low: np.ndarray, sa: np.ndarray, sw: np.ndarray,
+                int4_mma: bool, m: int) -> GemmLayout:
+    """One layer's mixed GEMM at one ratio, given its 4-bit channels ``low (C,)``:
+    :func:`gemm_weights` for that ratio alone, then :func:`ratio_layout`."""
+    low = np.asarray(low, bool)
+    rank = np.argsort(np.argsort(~low, kind="stable"), kind="stable")  # low channels first
+    n_low = int(low.sum())
+    return ratio_layout(gemm_weights(codes, rank, sa, sw, int4_mma, [n_low]), n_low, sa, m)
 
 
 def _quantize(v, inv: float, signed: bool, exact: bool):
@@ -283,12 +350,15 @@ def dequantize_nchw(shape: tuple) -> tirx.PrimFunc:
 
 
 def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
-                   act_signed: bool = False) -> tirx.PrimFunc:
+                   act_signed: bool = False, tiles=None, k8_first: int = 0,
+                   wk8: int | None = None, wk4: int | None = None) -> tirx.PrimFunc:
     """:func:`~.mixed.mixed_gemm`'s signature and arithmetic in plain loops (any target):
-    unpack the words, multiply, and shift each run's partial sum into the result."""
+    unpack the words, multiply, and shift each run's partial sum into the result
+    (``tiles`` is accepted and ignored: there are no warps here)."""
     per4 = 8 if int4_mma else 4
     bits4 = 32 // per4
     w8, w4 = max(k8 // 4, 1), max(chunks4 * chunk4(int4_mma) // per4, 1)
+    wk8, wk4 = wk8 or w8, wk4 or w4
     words4 = chunk4(int4_mma) // per4
     runs_n = max(runs, 1)
 
@@ -306,9 +376,9 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
         return T.if_then_else(v >= (1 << (bits - 1)), v - (1 << bits), v) if signed else v
 
     @T.prim_func(s_tir=True)
-    def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, w8), "uint32"),
-             A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, w4), "uint32"),
-             run_table: T.Buffer((runs_n, 3), "int32"), C: T.Buffer((m, n), "int32")):
+    def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, wk8), "uint32"),
+             A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, wk4), "uint32"),
+             run_table: T.Buffer((runs_n, 4), "int32"), C: T.Buffer((m, n), "int32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for i in T.parallel(m):
             for j in range(n):
@@ -318,7 +388,7 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
                 for wd in range(k8 // 4):
                     for b in T.unroll(4):
                         acc[0] = acc[0] + field(a_at(A8, i, wd), b, 8, act_signed) * field(
-                            b_at(W8, j, wd), b, 8, True)
+                            b_at(W8, j, k8_first * 8 + wd), b, 8, True)
                 for r in range(runs):
                     part[0] = 0
                     for kc in range(run_table[r, 1]):
@@ -327,7 +397,7 @@ def reference_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: b
                                 part[0] = part[0] + field(
                                     a_at(A4, i, (run_table[r, 0] + kc) * words4 + wd), b,
                                     bits4, act_signed) * field(
-                                    b_at(W4, j, (run_table[r, 0] + kc) * words4 + wd), b,
+                                    b_at(W4, j, (run_table[r, 3] + kc) * words4 + wd), b,
                                     bits4, True)
                     acc[0] = acc[0] + T.shift_left(part[0], run_table[r, 2])
                 C[i, j] = acc[0]

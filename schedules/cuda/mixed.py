@@ -54,13 +54,17 @@ from .layout import (  # noqa: F401  (re-exported: callers import them from here
 
 
 def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
-               act_signed: bool = False, tiles: Tiles | None = None):
+               act_signed: bool = False, tiles: Tiles | None = None, k8_first: int = 0,
+               wk8: int | None = None, wk4: int | None = None):
     """PrimFunc ``main(A8w, W8w, A4w, W4w, run_table, C)`` (see the module docs).
 
     ``m``/``n`` multiples of 16/8; ``k8`` a multiple of 32; ``chunks4`` 4-bit K-chunks in
-    ``runs`` runs (``run_table[r] = (first chunk, chunks, shift)``). Packed operands are uint32
-    words: ``A8w (m, k8/4)``, ``W8w (n, k8/4)``, ``A4w (m, W4)``, ``W4w (n, W4)`` with
-    ``W4 = chunks4 * chunk / (8 if int4_mma else 4)``. ``act_signed``: activation codes are
+    ``runs`` runs (``run_table[r] = (first A4 chunk, chunks, shift, first W4 chunk)``). Packed
+    operands are uint32 words: ``A8w (m, k8/4)``, ``W8w (n, wk8)``, ``A4w (m, W4)``,
+    ``W4w (n, wk4)`` with ``W4 = chunks4 * chunk / (8 if int4_mma else 4)``. The weights may
+    be stored once for every ratio (wider than this ratio's activations): the 8-bit block
+    then starts at chunk ``k8_first`` of ``W8w`` and each run at its own ``W4w`` chunk
+    (``wk8``/``wk4`` default to the activations' widths). ``act_signed``: activation codes are
     signed (s8 / s4) or, after a ReLU, unsigned (u8 / u4); weights are always signed.
     ``tiles``: the output tiling (:class:`~.layout.Tiles`; default :func:`~.layout.gemm_tiles`,
     whose CTA must divide ``m x n``).
@@ -72,6 +76,7 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
     c4 = chunk4(int4_mma)
     per_word = 8 if int4_mma else 4
     w8, w4 = max(k8 // 4, 1), max(chunks4 * c4 // per_word, 1)
+    wk8, wk4 = wk8 or w8, wk4 or w4
     n8 = k8 // K8_CHUNK
     words4 = c4 // per_word  # words per chunk per row (8: 4 per half for each of 2 halves)
     shape4 = "m16n8k64" if int4_mma else "m16n8k32"
@@ -82,9 +87,9 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
     wm, wn, tiles_n = t.wm, t.wn, t.wm * t.wn
 
     @T.prim_func(s_tir=True)
-    def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, w8), "uint32"),
-             A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, w4), "uint32"),
-             run_table: T.Buffer((runs_n, 3), "int32"), C: T.Buffer((m, n), "int32")):
+    def main(A8: T.Buffer((m, w8), "uint32"), W8: T.Buffer((n, wk8), "uint32"),
+             A4: T.Buffer((m, w4), "uint32"), W4: T.Buffer((n, wk4), "uint32"),
+             run_table: T.Buffer((runs_n, 4), "int32"), C: T.Buffer((m, n), "int32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True, "tirx.is_scheduled": True,
                      "flexiq.scheduled": True})
         for by in T.thread_binding(m // t.block_m, thread="blockIdx.y"):
@@ -106,7 +111,7 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
                             for tj in T.unroll(wn):
                                 for i in T.vectorized(2):
                                     b[tj * 2 + i] = W8[col0 + tj * TILE_N + b_slot(tx, i)[0],
-                                                       kc * 8 + b_slot(tx, i)[1]]
+                                                       (kc + k8_first) * 8 + b_slot(tx, i)[1]]
                             for ti in T.unroll(wm):
                                 for tj in T.unroll(wn):
                                     T.evaluate(T.ptx_legacy.mma(
@@ -117,7 +122,7 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
                             for e in T.unroll(tiles_n * 4):
                                 part[e] = 0
                             for kc in range(run_table[r, 1]):
-                                ch = run_table[r, 0] + kc
+                                ch, chw = run_table[r, 0] + kc, run_table[r, 3] + kc
                                 for ti in T.unroll(wm):
                                     for i in T.vectorized(4):
                                         a[ti * 4 + i] = A4[row0 + ti * TILE_M + a_slot(tx, i)[0],
@@ -125,7 +130,7 @@ def mixed_gemm(m: int, n: int, k8: int, runs: int, chunks4: int, int4_mma: bool,
                                 for tj in T.unroll(wn):
                                     for i in T.vectorized(2):
                                         b[tj * 2 + i] = W4[col0 + tj * TILE_N + b_slot(tx, i)[0],
-                                                           ch * words4 + b_slot(tx, i)[1]]
+                                                           chw * words4 + b_slot(tx, i)[1]]
                                 for ti in T.unroll(wm):
                                     for tj in T.unroll(wn):
                                         T.evaluate(T.ptx_legacy.mma(

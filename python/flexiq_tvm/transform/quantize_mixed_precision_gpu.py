@@ -52,8 +52,9 @@ class _GPULowering(MixedPrecisionLowering):
         layer.per_ratio = {}
         consts = {"mult": relax.const(layer.mult, "float32")}
         o = lp.weight_shape[0]
-        # the weight constants of every ratio (each ratio has its own row split and words)
+        # weight bytes: the GEMM's shared words, or every ratio's effective weights
         layer.w_bytes = dict(int8=0, int4_packed=0)
+        layer.weights = None
         if kind == g.CONV:
             a = layer.conv_attrs
             pad = [int(p) for p in a.padding]  # top, left, bottom, right
@@ -134,21 +135,33 @@ class _GPULowering(MixedPrecisionLowering):
                 layer.geo["oh"] * layer.geo["ow"] if conv else rows, conv), f"{tag}_view")
         return fns
 
+    def _shared_weights(self, layer, o, kk):
+        """The layer's GEMM weights, stored once for every compiled ratio (one pair of
+        constants that each ratio's GEMM reads from its own offsets)."""
+        if getattr(layer, "weights", None) is None:
+            n_lows = {int(layer.lp.n_low[self.plan.check_ratio(r)]) for r in self.ratios}
+            w = self.lower.gemm_weights(layer.codes.reshape(o, -1, kk), layer.rank, layer.sa,
+                                        layer.sw, self.int4_mma, sorted(n_lows))
+            layer.weights = (w, {k: relax.const(getattr(w, k), "uint32") for k in ("W8", "W4")})
+            layer.w_bytes["int8"] += int(w.W8.nbytes) if len(w.ch8) else 0
+            layer.w_bytes["int4_packed"] += int(w.W4.nbytes) if w.groups else 0
+        return layer.weights
+
     def _gemm_kernels(self, bb, kind, layer, n_low):
         lw, lp = self.lower, layer.lp
         conv, kk, o, rows, x_shape, cgeo = self._gemm_geometry(kind, layer)
-        lay = lw.gemm_layout(layer.codes.reshape(o, -1, kk), self._low(layer, n_low),
-                             layer.sa, layer.sw, self.int4_mma, rows)
+        weights, consts = self._shared_weights(layer, o, kk)
+        lay = lw.ratio_layout(weights, n_low, layer.sa, rows)
         signed = bool(lp.act_signed)
         inv = float(np.float32(lp.act_inv_scale))
         fns = self._around_gemm(
             bb, layer, lay, lw.pack_activations(lay, x_shape, cgeo, inv, signed, self.exact),
             self.gemm(lay.m, lay.n, lay.k8p, lay.runs, lay.chunks4, self.int4_mma,
-                      act_signed=signed), conv, o, rows, f"{layer.name}_n{n_low}")
-        c = {k: relax.const(getattr(lay, k), str(getattr(lay, k).dtype))
-             for k in ("W8", "W4", "run_table", "src8", "src4", "sa4")}
-        layer.w_bytes["int8"] += int(lay.W8.nbytes) if lay.k8p else 0
-        layer.w_bytes["int4_packed"] += int(lay.W4.nbytes) if lay.chunks4 else 0
+                      act_signed=signed, k8_first=lay.k8_first, wk8=lay.W8.shape[1],
+                      wk4=lay.W4.shape[1]), conv, o, rows, f"{layer.name}_n{n_low}")
+        c = {k: relax.const(getattr(lay, k), "int32") for k in ("run_table", "src8", "src4",
+                                                                 "sa4")}
+        c.update(consts)
         c["layout"] = lay
         return fns, c
 
