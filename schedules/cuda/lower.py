@@ -42,6 +42,7 @@ from .layout import (
     b_home,
     chunk4,
     fragment_order,
+    layout4,
     run_table,
     take_columns,
 )
@@ -88,26 +89,16 @@ def gemm_weights(codes: np.ndarray, rank: np.ndarray, sa: np.ndarray, sw: np.nda
     ch8 = order[n_min:]
     k8_all = _round_up(len(ch8) * kk, K8_CHUNK)
     shift = (np.asarray(sa, np.int64) + sw)
-    groups, cols4, chunk = [], [], 0
     low = order[:n_max]
-    for s_ in np.unique(shift[low]):
-        chans = low[shift[low] == s_]
-        rows = rows_of(chans)
-        k = _round_up(len(rows), c4)
-        groups.append((int(s_), chunk, chans))
-        cols4.append(np.concatenate([rows, np.full(k - len(rows), -1)]))
-        chunk += k // c4
-    cols4 = np.concatenate(cols4).astype(np.int64) if cols4 else np.zeros(0, np.int64)
-    codes4 = np.zeros((n, len(cols4)), np.int64)
-    valid = cols4 >= 0
-    codes4[:, valid] = extract_bits(wk[:, cols4[valid]].astype(np.int32),
-                                    np.asarray(sw)[cols4[valid] // kk], True)
+    rows4 = rows_of(low)
+    cols, table, chunk = layout4(shift[rows4 // kk], int4_mma)  # stable: rank order kept
+    groups = [(s_, first, low[shift[low] == s_]) for first, _, s_ in table]
+    w4codes = extract_bits(wk[:, rows4].astype(np.int32), np.asarray(sw)[rows4 // kk], True)
     wk4 = max(chunk * c4 // per4, 1)
     return GemmLayout(
         n=n, kk=kk, rank=rank, n_min=n_min, ch8=ch8, groups=groups, int4_mma=int4_mma,
         W8=fragment_order(_words(take_columns(wk, rows_of(ch8), max(k8_all, 4)), 8), "b"),
-        W4=fragment_order(_words(take_columns(codes4, np.arange(len(cols4)), wk4 * per4),
-                                 32 // per4), "b"))
+        W4=fragment_order(_words(take_columns(w4codes, cols, wk4 * per4), 32 // per4), "b"))
 
 
 def ratio_layout(weights: GemmLayout, n_low: int, sa: np.ndarray, m: int) -> GemmLayout:
