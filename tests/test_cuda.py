@@ -374,6 +374,7 @@ def _lowered_on_cpu(name, path, ratios, static_plan):
     place of the tensor-core one (same operands, same run table): a module whose every layer
     the oracle can check here."""
     import tvm
+    from flexiq_tvm.schedules.cuda import lower
     from flexiq_tvm.schedules.cuda.lower import reference_dp4a, reference_gemm
 
     from flexiq_tvm import frontend, transform
@@ -385,7 +386,7 @@ def _lowered_on_cpu(name, path, ratios, static_plan):
     mod = transform.prepare()(frontend.import_model(model, xs[:1]).bound())
     mod = transform.ReorderChannelBlocks(plan)(transform.AnnotateChannelPrecision(plan)(mod))
     lowering = transform.QuantizeMixedPrecisionGPU(
-        plan, ratios, path, gemm=reference_dp4a if path == "dp4a" else reference_gemm,
+        plan, lower, ratios, path, gemm=reference_dp4a if path == "dp4a" else reference_gemm,
         exact=False, expose_layers=True)
     ex = tvm.compile(lowering(mod), target="llvm")
     return CompiledModule(ex, ratios, xs[:1].shape, CompileReport(), plan, expose_layers=True,

@@ -17,13 +17,12 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))
                                              if hasattr(os, "sched_getaffinity")
                                              else os.cpu_count() or 1))
 
+from ._version import __version__
 from .api import CompiledModule, CompileReport, compile
 from .config import FlexiQConfig
 from .plan import LayerPlan, QuantPlan
 from .quantize import quantize
 from .runtime import ArtifactError, FlexiQModule, load
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):  # torch-dependent names load on first use

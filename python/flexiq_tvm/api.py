@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import FlexiQConfig
+from .lowering import TARGETS, cuda_target, lowering, resolve_database
 from .plan import QuantPlan
 from .runtime.module import FlexiQModule
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("llvm", "flexiq_npu")
-
 
 @dataclass
 class CompileReport:
@@ -132,7 +130,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
     from .quantize import quantize
     from .schedules.llvm import PASS_CONFIG, pipeline
 
-    cuda = _cuda_target(target)
+    cuda = cuda_target(target)
     if cuda is None and target not in TARGETS:
         raise ValueError(f"target={target!r}; available: {TARGETS} or a CUDA target "
                          '({"kind": "cuda", "arch": "sm_80"})')
@@ -162,19 +160,19 @@ def compile(model, example_input, calib_data=None, target="llvm",
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
-    qpass = _lowering(plan, ratios, cuda, expose_layers)
+    qpass = lowering(plan, ratios, cuda, expose_layers)
     mod = qpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cuda is not None:
         from .schedules.cuda import pipeline as cuda_pipeline
 
-        tgt, db, device = cuda, _database(database, "cuda"), tvm.cuda(0)
+        tgt, db, device = cuda, resolve_database(database, "cuda"), tvm.cuda(0)
         with tvm.transform.PassContext(opt_level=3):
             ex = tvm.compile(mod, target=tgt, relax_pipeline=cuda_pipeline.pipeline(tgt, db))
     else:
         tgt, device = tvm.target.Target(frontend.default_llvm_target()), None
-        db = _database(database)
+        db = resolve_database(database)
         with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
             ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
     times["build"] = time.perf_counter() - t0
@@ -204,48 +202,6 @@ def compile(model, example_input, calib_data=None, target="llvm",
                           metadata=json_safe(meta))
 
 
-def _lowering(plan: QuantPlan, ratios, cuda=None, expose_layers: bool = False):
-    """The pass that lowers the FlexiQ composites for the CPU, or for ``cuda`` (a target from
-    :func:`_cuda_target`) with that arch's GEMM path."""
-    from . import transform
-
-    if cuda is None:
-        from .schedules.llvm import KERNELS
-
-        return transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
-                                                expose_layers=expose_layers)
-    from .schedules.cuda import gemm_path
-
-    return transform.QuantizeMixedPrecisionGPU(plan, ratios, gemm_path(str(cuda.attrs["arch"])),
-                                               expose_layers=expose_layers)
-
-
-def _cuda_target(target):
-    """The CUDA ``tvm.target.Target`` (with this machine's CPU as host) that ``target`` names,
-    or ``None`` for the other targets; a CUDA target without ``arch`` is an error."""
-    import tvm
-
-    from . import frontend
-
-    if isinstance(target, str) and target in TARGETS:
-        return None
-    try:
-        tgt = tvm.target.Target(target)
-    except Exception:  # not a target description at all
-        return None
-    if tgt.kind.name != "cuda":
-        return None
-    # TVM fills in sm_50 when no GPU is present: the architecture must be the user's
-    if isinstance(target, (dict, str)) and "arch" not in target:
-        raise ValueError('a CUDA target needs its architecture: {"kind": "cuda", "arch": '
-                         '"sm_80"} (sm_80..sm_89 run the 4-bit block on s4 tensor cores, '
-                         "sm_90 as INT8 MMA, sm_61..sm_75 on dp4a)")
-    from .schedules.cuda import gemm_path
-
-    gemm_path(str(tgt.attrs["arch"]))  # raises for an arch without the kernels' instructions
-    return tvm.target.Target(tgt, host=tvm.target.Target(frontend.default_llvm_target()))
-
-
 def _plan_summary(plan: QuantPlan, ratios) -> dict:
     """What a module's metadata says of its plan."""
     return {"layers": len(plan.layers), "selection": plan.config.get("selection"),
@@ -253,32 +209,16 @@ def _plan_summary(plan: QuantPlan, ratios) -> dict:
             "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}}
 
 
-def _database(database, kind: str = "llvm"):
-    """The tuning work dir to apply (``"auto"``: ``schedules/<kind>/tuned`` if present), or
-    ``None``."""
-    from pathlib import Path
-
-    from .tune import database_exists, default_database
-
-    if database is None:
-        return None
-    if database == "auto":
-        d = default_database(kind)
-        return str(d) if database_exists(d) else None
-    if not database_exists(database):
-        raise ValueError(f"database={database!r}: no MetaSchedule database there (run "
-                         "`flexiq-tvm tune --work-dir ...`)")
-    return str(Path(database))
-
-
 def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule:
     import tvm
 
     from . import frontend
+    from .schedules import llvm
     from .target import npu
 
     t0 = time.perf_counter()
-    ex, info = npu.build(mod, plan, ratios, npu_config)
+    ex, info = npu.build(mod, plan, ratios, (llvm.KERNELS, llvm.PASS_CONFIG, llvm.pipeline),
+                         npu_config)
     times["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lib = ex.jit()  # compiles the NPU module's C source: one library, one instruction memory

@@ -30,6 +30,12 @@ def ratio_key(r: float) -> str:
     return f"{float(r):g}"
 
 
+def variant_name(ratio: float) -> str:
+    """``0.25 -> "main_r025"``: the entry function of a ratio in a compiled module (the
+    lowering pass names them, the runtime calls them)."""
+    return f"main_r{round(float(ratio) * 100):03d}"
+
+
 @dataclass
 class LayerPlan:
     name: str

@@ -22,22 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lowering import default_database
+
 log = logging.getLogger(__name__)
 
 BUILDER_TIMEOUT_S = 300  # importing tvm.s_tir.tensor_intrin in a builder takes ~40 s here
-
-
-def default_database(target_kind: str = "llvm") -> Path:
-    """Where tuned records of ``target_kind`` live (committed with the repository): beside
-    the target's kernels in ``flexiq_tvm.schedules`` (the repository's ``schedules/``)."""
-    from . import schedules
-
-    return Path(schedules.__file__).resolve().parent / target_kind / "tuned"
-
-
-def database_exists(work_dir) -> bool:
-    p = Path(work_dir)
-    return (p / "database_workload.json").exists() and (p / "database_tuning_record.json").exists()
 
 
 @dataclass(frozen=True)
@@ -93,15 +82,15 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     import tvm
 
     from . import frontend, transform
-    from .api import _cuda_target, _lowering
+    from .lowering import cuda_target, lowering
 
     x = np.asarray(example_input, np.float32)
     imported = frontend.import_model(model, x, via=via)
     mod = transform.prepare()(imported.bound())
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
-    cuda = _cuda_target(target)
-    mod = _lowering(plan, ratios, cuda)(mod)
+    cuda = cuda_target(target)
+    mod = lowering(plan, ratios, cuda)(mod)
     if cuda is not None:
         from .schedules.cuda import pipeline as gpu
 
@@ -142,14 +131,14 @@ def tune(name: str, trials: int = 64, work_dir=None, rpc: RPCConfig | None = Non
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from .api import _cuda_target
     from .config import FlexiQConfig
     from .eval import load_eval_data, zoo_plan
+    from .lowering import cuda_target
     from .zoo import registry
 
     if trials <= 0:
         raise ValueError(f"trials={trials}; must be positive")
-    kind = "llvm" if _cuda_target(target) is None else "cuda"
+    kind = "llvm" if cuda_target(target) is None else "cuda"
     if kind == "cuda" and rpc is None and not tvm.cuda(0).exist:
         raise ValueError("tuning for CUDA measures on a GPU: this machine has none; give "
                          "--rpc-tracker HOST:PORT --rpc-key KEY of GPU machines")

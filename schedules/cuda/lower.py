@@ -46,6 +46,7 @@ from .layout import (
     run_table,
     take_columns,
 )
+from .mixed import mixed_gemm  # noqa: F401  (the lowering's GEMM, beside its kernels)
 
 
 def _round_up(v: int, m: int) -> int:

@@ -18,8 +18,12 @@ from .patterns import flexiq_npu_patterns, partition_for_flexiq_npu
 __all__ = ["NPUConfig", "build", "flexiq_npu_patterns", "partition_for_flexiq_npu", "read_stats"]
 
 
-def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
+def build(mod, plan, ratios, host, config: NPUConfig | None = None, host_target=None):
     """Partition a prepared module for the NPU, run the codegen, build the host part.
+
+    ``host``: the CPU side as ``(kernels, pass_config, pipeline)`` (``schedules/llvm``'s
+    ``KERNELS``, ``PASS_CONFIG`` and ``pipeline``; passed in, since targets do not import each
+    other): layers the NPU cannot take and the FP32 rest run there.
 
     Returns ``(executable, info)``; ``info`` lists the programs (symbol, pattern, plan layer,
     bytes) and names the ratio-switch and stats functions of the NPU module.
@@ -29,9 +33,9 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
 
     from ... import transform
     from ...frontend import default_llvm_target
-    from ...schedules.llvm import KERNELS, PASS_CONFIG, pipeline
     from . import codegen
 
+    kernels, pass_config, cpu_pipeline = host
     config = config or NPUConfig()
     mod = partition_for_flexiq_npu(mod, plan, config)
     # plan layers the NPU cannot take (input over ABUF, no pattern) still run FlexiQ, on the
@@ -43,7 +47,7 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
             for b in g.bindings(mod["main"]) if g.composite_kind(mod, b.value) is not None]
     if host:
         mod = transform.ReorderChannelBlocks(plan)(mod)
-        mod = transform.QuantizeMixedPrecision(plan, KERNELS, ratios)(mod)
+        mod = transform.QuantizeMixedPrecision(plan, kernels, ratios)(mod)
     else:
         mod = transform.strip_composites(mod)
     with codegen.codegen_context(plan, ratios, config) as state:
@@ -51,8 +55,8 @@ def build(mod, plan, ratios, config: NPUConfig | None = None, host_target=None):
     if not state.programs:
         raise ValueError("no layer of the model could be offloaded to flexiq_npu")
     tgt = host_target or tvm.target.Target(default_llvm_target())
-    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt))
+    with tvm.transform.PassContext(opt_level=3, config=pass_config):
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
     info = {"programs": state.programs, "set_ratio": f"flexiq_npu_set_ratio_{state.tag}",
             "stats": f"flexiq_npu_stats_{state.tag}",
             "entry": None if host else "main",  # None: one variant per ratio

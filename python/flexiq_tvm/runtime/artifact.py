@@ -9,13 +9,16 @@ shape and dtype, free metadata (latency profile, accuracy per ratio, plan summar
 the library size, ``sha256`` and, when exported with a key, ``hmac`` (HMAC-SHA256). Both are
 computed over the header without those two fields (canonical JSON) followed by the library.
 
-:func:`load` checks, in this order and before any byte of the library is loaded as code: the
-magic, the header, the sizes (truncation), the checksum (corruption), the signature when a key
-is given (tampering: an unsigned or wrongly signed artifact is refused), and the format and
-TVM versions. Any failure raises :class:`ArtifactError` with what was wrong.
+:func:`read_verified` checks, in this order and before any byte of the library is loaded as
+code: the magic, the header, the sizes (truncation), the checksum (corruption), the signature
+when a key is given (tampering: an unsigned or wrongly signed artifact is refused), and the
+format and TVM versions. Any failure raises :class:`ArtifactError` with what was wrong.
 
 The library is native code: the checksum only detects accidents; only a signature verified
 with a key you hold says who built it.
+
+This module knows bytes and metadata only; :mod:`flexiq_tvm.runtime.module` builds the
+runnable module on it (``FlexiQModule.export`` and :func:`~flexiq_tvm.runtime.module.load`).
 """
 
 from __future__ import annotations
@@ -56,19 +59,17 @@ def _message(header: dict, payload: bytes) -> bytes:
 def _versions() -> dict:
     import tvm
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"flexiq_tvm": __version__, "tvm": tvm.__version__}
 
 
-def export(executable, path, ratios, input_shape, input_dtype: str, metadata: dict | None = None,
-           key=None) -> Path:
-    """Write ``executable`` (all ratio variants) and its metadata to one artifact file."""
+def write(path, payload: bytes, ratios, input_shape, input_dtype: str,
+          metadata: dict | None = None, key=None) -> Path:
+    """Write one artifact file: ``payload`` (the compiled library's bytes, every ratio
+    variant) behind its header. Atomic: written to ``<path>.tmp``, then renamed."""
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = Path(tmp) / "module.so"
-        executable.export_library(str(lib))
-        payload = lib.read_bytes()
+    payload = bytes(payload)
     header = {"format": FORMAT, **_versions(), "ratios": [float(r) for r in ratios],
               "input_shape": [int(d) for d in input_shape], "input_dtype": str(input_dtype),
               "metadata": metadata or {}, "payload_size": len(payload)}
@@ -78,10 +79,22 @@ def export(executable, path, ratios, input_shape, input_dtype: str, metadata: di
     header["hmac"] = hmac.new(k, msg, hashlib.sha256).hexdigest() if k else None
     raw = json.dumps(header, sort_keys=True).encode()
     tmp_path = path.with_name(path.name + ".tmp")
-    with open(tmp_path, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", len(raw)) + raw + payload)
-    os.replace(tmp_path, path)  # never leave a half-written artifact under the final name
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(MAGIC + struct.pack("<Q", len(raw)) + raw + payload)
+        os.replace(tmp_path, path)  # never leave a half-written artifact under the final name
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
     return path
+
+
+def library_bytes(executable) -> bytes:
+    """The shared object ``executable.export_library`` writes, as bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "module.so"
+        executable.export_library(str(lib))
+        return lib.read_bytes()
 
 
 def read_verified(path, key=None) -> tuple[dict, bytes]:
@@ -133,13 +146,11 @@ def read_verified(path, key=None) -> tuple[dict, bytes]:
     return header, payload
 
 
-def load(path, key=None, device=None):
-    """Load an artifact as a :class:`~flexiq_tvm.runtime.FlexiQModule` (no torch needed)."""
+def load_library(path, header: dict, payload: bytes, device=None):
+    """Load a verified artifact's library as a TVM runtime module, and the device to run it
+    on (CUDA artifacts load TVM's CUDA runtime first and need a GPU)."""
     import tvm
 
-    from .module import FlexiQModule
-
-    header, payload = read_verified(path, key)
     target = header.get("metadata", {}).get("target")
     if isinstance(target, dict) and target.get("kind") == "cuda":
         from .cuda import cuda_runtime
@@ -157,7 +168,4 @@ def load(path, key=None, device=None):
         rt = tvm.runtime.load_module(lib)
     finally:
         os.unlink(lib)  # the loaded code stays mapped
-    meta = dict(header["metadata"])
-    meta["versions"] = {"flexiq_tvm": header.get("flexiq_tvm"), "tvm": header.get("tvm")}
-    return FlexiQModule(rt, header["ratios"], header["input_shape"], header["input_dtype"],
-                        device=device, metadata=meta)
+    return rt, device

@@ -23,6 +23,9 @@ import time
 
 import numpy as np
 
+from ..plan import variant_name
+from .artifact import library_bytes, load_library, read_verified, write
+
 
 def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
@@ -34,11 +37,6 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return 1e3 * float(np.median(times))
-
-
-def variant_name(ratio: float) -> str:
-    """``0.25 -> "main_r025"`` (the entry function of a ratio)."""
-    return f"main_r{round(float(ratio) * 100):03d}"
 
 
 class FlexiQModule:
@@ -57,15 +55,20 @@ class FlexiQModule:
     exportable
         What :meth:`export` writes when ``executable`` is a library jitted from it (default:
         ``executable`` itself).
+    library
+        The library's bytes when the module was loaded from an artifact: :meth:`export`
+        writes them again (a loaded runtime module cannot serialize itself).
     """
 
     def __init__(self, executable, ratios, input_shape, input_dtype: str = "float32",
-                 device=None, metadata: dict | None = None, exportable=None) -> None:
+                 device=None, metadata: dict | None = None, exportable=None,
+                 library: bytes | None = None) -> None:
         import tvm
 
         self.executable = executable
         # what export writes: the executable itself, or the one a jitted library came from
         self.exportable = executable if exportable is None else exportable
+        self._library = library
         self.device = device or tvm.cpu()
         self._ratios = tuple(float(r) for r in ratios)
         if not self._ratios:
@@ -199,13 +202,24 @@ class FlexiQModule:
 
         The profile is measured now unless given or already known; a module built for a device
         this machine lacks (CUDA compiled on a CPU machine) is exported with an empty one."""
-        from .artifact import export
-
         meta = {**self.metadata, **(metadata or {})}
+        meta.pop("versions", None)  # the header records the exporting versions
         if profile is None:  # measured here, unless the module's device is elsewhere
             profile = meta.get("profile_ms") or (self.profile() if self.device.exist else {})
         meta["profile_ms"] = profile
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
-        return export(self.exportable, path, ratios=self._ratios, input_shape=self.input_shape,
-                      input_dtype=self.input_dtype, metadata=meta, key=key)
+        payload = self._library if self._library is not None else library_bytes(self.exportable)
+        return write(path, payload, ratios=self._ratios, input_shape=self.input_shape,
+                     input_dtype=self.input_dtype, metadata=meta, key=key)
+
+
+def load(path, key=None, device=None) -> FlexiQModule:
+    """Load an artifact as a :class:`FlexiQModule` (no torch needed): every check of
+    :func:`~flexiq_tvm.runtime.artifact.read_verified` runs before its library loads."""
+    header, payload = read_verified(path, key)
+    rt, device = load_library(path, header, payload, device)
+    meta = dict(header["metadata"])
+    meta["versions"] = {"flexiq_tvm": header.get("flexiq_tvm"), "tvm": header.get("tvm")}
+    return FlexiQModule(rt, header["ratios"], header["input_shape"], header["input_dtype"],
+                        device=device, metadata=meta, library=payload)

@@ -25,8 +25,7 @@ import tvm
 from tvm import relax
 
 from .. import reference as ref
-from ..plan import QuantPlan
-from ..runtime.module import variant_name
+from ..plan import QuantPlan, variant_name
 from . import _graph as g
 
 

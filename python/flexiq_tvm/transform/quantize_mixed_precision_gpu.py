@@ -29,20 +29,22 @@ from .quantize_mixed_precision import MixedPrecisionLowering
 
 
 class _GPULowering(MixedPrecisionLowering):
-    """See the module docs. ``path`` (:func:`~flexiq_tvm.schedules.cuda.gemm_path` of an
+    """See the module docs. ``kernels``: the module of CUDA kernel builders
+    (:mod:`flexiq_tvm.schedules.cuda.lower`; passed in, so the pass imports no schedule).
+    ``path`` (:func:`~flexiq_tvm.schedules.cuda.gemm_path` of an
     arch): ``"mma_s4"`` (the 4-bit block on s4 MMA, sm_80..sm_89), ``"mma_s8"`` (as INT8 MMA
     over unpacked values, sm_90) or ``"dp4a"`` (CUDA cores, sm_61..sm_75). ``exact``:
     quantize with non-fusable float32 ops (the CUDA build)."""
 
-    def __init__(self, plan, ratios=None, path: str = "mma_s4", gemm=None, exact: bool = True,
-                 func_name: str = "main", expose_layers: bool = False) -> None:
-        from ..schedules.cuda import lower, mixed_gemm
-
+    def __init__(self, plan, kernels, ratios=None, path: str = "mma_s4", gemm=None,
+                 exact: bool = True, func_name: str = "main", expose_layers: bool = False
+                 ) -> None:
         if path not in ("mma_s4", "mma_s8", "dp4a"):
             raise ValueError(f"path={path!r}; one of mma_s4, mma_s8, dp4a")
         super().__init__(plan, {}, ratios, func_name=func_name, expose_layers=expose_layers)
         self.path, self.int4_mma, self.exact = path, path == "mma_s4", bool(exact)
-        self.gemm = gemm or (lower.dp4a_gemm if path == "dp4a" else mixed_gemm)
+        lower = kernels
+        self.gemm = gemm or (lower.dp4a_gemm if path == "dp4a" else lower.mixed_gemm)
         self.lower = lower
 
     def _build(self, bb, kind, cfunc, call, var, k):
