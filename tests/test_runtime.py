@@ -205,3 +205,22 @@ def test_missing_cpu_features_are_read_from_the_target(monkeypatch):
     assert not hostcpu.avx_vnni()
     monkeypatch.setenv("FLEXIQ_AVXVNNI", "1")
     assert hostcpu.avx_vnni() == (platform.machine() in ("x86_64", "AMD64"))
+
+
+def test_export_and_load_are_quiet_and_a_loaded_artifact_exports_again(compiled, signed,
+                                                                      tmp_path, capfd):
+    """TVM's per-function "Scope Saving" / "Scope Loaded" warnings stay hidden, and a loaded
+    artifact re-exports its own library: same code, new metadata, same outputs."""
+    cm, xs = compiled
+    capfd.readouterr()
+    m = flexiq_tvm.load(signed, key=KEY)
+    again = m.export(tmp_path / "again.flexiq", key=KEY, accuracy={0: 0.5})
+    assert capfd.readouterr().err == ""
+    h1, p1 = artifact.read_verified(signed, KEY)
+    h2, p2 = artifact.read_verified(again, KEY)
+    assert p1 == p2
+    assert h2["metadata"]["accuracy"] == {"0": 0.5}
+    assert h2["metadata"]["profile_ms"] == h1["metadata"]["profile_ms"]
+    m2 = flexiq_tvm.load(again, key=KEY)
+    for r in (0.0, 1.0):
+        np.testing.assert_array_equal(m2(xs[:1], ratio=r), cm(xs[:1], ratio=r))

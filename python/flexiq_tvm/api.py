@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _quiet
+from ._quiet import native_stderr
 from .config import FlexiQConfig
 from .lowering import TARGETS, cuda_target, lowering, resolve_database
 from .plan import QuantPlan
@@ -168,12 +170,12 @@ def compile(model, example_input, calib_data=None, target="llvm",
         from .schedules.cuda import pipeline as cuda_pipeline
 
         tgt, db, device = cuda, resolve_database(database, "cuda"), tvm.cuda(0)
-        with tvm.transform.PassContext(opt_level=3):
+        with tvm.transform.PassContext(opt_level=3), _quiet_build():
             ex = tvm.compile(mod, target=tgt, relax_pipeline=cuda_pipeline.pipeline(tgt, db))
     else:
         tgt, device = tvm.target.Target(frontend.default_llvm_target()), None
         db = resolve_database(database)
-        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG), _quiet_build():
             ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
@@ -202,6 +204,15 @@ def compile(model, example_input, calib_data=None, target="llvm",
                           metadata=json_safe(meta))
 
 
+def _quiet_build():
+    """What TVM's C++ side prints during a build that is benign here (see :mod:`._quiet`):
+    legalizing ``R.take`` in its default "fast" mode warns once per gather that out-of-bounds
+    indices would crash, and ours are constant permutations, in bounds by construction
+    (ReorderChannelBlocks); MetaScheduleApplyDatabase announces the database it opens (the
+    report's ``database`` says which)."""
+    return native_stderr(_quiet.FAST_TAKE, _quiet.JSON_DATABASE)
+
+
 def _plan_summary(plan: QuantPlan, ratios) -> dict:
     """What a module's metadata says of its plan."""
     return {"layers": len(plan.layers), "selection": plan.config.get("selection"),
@@ -217,8 +228,9 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
     from .target import npu
 
     t0 = time.perf_counter()
-    ex, info = npu.build(mod, plan, ratios, (llvm.KERNELS, llvm.PASS_CONFIG, llvm.pipeline),
-                         npu_config)
+    with _quiet_build():
+        ex, info = npu.build(mod, plan, ratios, (llvm.KERNELS, llvm.PASS_CONFIG, llvm.pipeline),
+                             npu_config)
     times["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lib = ex.jit()  # compiles the NPU module's C source: one library, one instruction memory

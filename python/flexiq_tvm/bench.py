@@ -107,10 +107,30 @@ def _onnx_int8(fp32_path: Path, calib: np.ndarray, batch: int, path: Path) -> Pa
         def get_next(self):
             return next(self._it, None)
 
-    quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    # onnxruntime's quantizer logs "Please consider to run pre-processing before quantization"
+    # on the root logger for every model: advice for models with dynamic shapes or unfused
+    # ops, and an inference export like ours is already shape-inferred and optimized
+    root = logging.getLogger()
+    advice = _DropMessages("pre-processing before quantization")
+    root.addFilter(advice)
+    try:
+        quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+    finally:
+        root.removeFilter(advice)
     return path
+
+
+class _DropMessages(logging.Filter):
+    """A logging filter that drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _ort_session(path: Path):

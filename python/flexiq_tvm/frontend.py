@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def from_torch(model, example_input) -> ImportedModel:
     model = model.eval()
     with torch.no_grad():
         ep = torch.export.export(model, args)
-    mod = from_exported_program(ep, keep_params_as_input=True)
+    with warnings.catch_warnings():
+        # TVM's importer copies the program's pytree specs, and torch 2.13 warns on that copy
+        # that `isinstance(treespec, LeafSpec)` is deprecated: torch's code, not the user's
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`",
+                                category=FutureWarning)
+        mod = from_exported_program(ep, keep_params_as_input=True)
     return _detach(mod, len(args), [tuple(a.shape) for a in args], "torch.export")
 
 

@@ -31,6 +31,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .._quiet import SCOPE_LOADED, SCOPE_SAVING, native_stderr
 from ..hostcpu import missing_features
 
 MAGIC = b"FLEXIQA\x01"
@@ -93,7 +94,9 @@ def library_bytes(executable) -> bytes:
     """The shared object ``executable.export_library`` writes, as bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         lib = Path(tmp) / "module.so"
-        executable.export_library(str(lib))
+        # the VM executable logs a "Scope Saving" warning per saved function: benign
+        with native_stderr(SCOPE_SAVING):
+            executable.export_library(str(lib))
         return lib.read_bytes()
 
 
@@ -165,7 +168,9 @@ def load_library(path, header: dict, payload: bytes, device=None):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        rt = tvm.runtime.load_module(lib)
+        # the VM executable logs a "Scope Loaded" warning per loaded function: benign
+        with native_stderr(SCOPE_LOADED):
+            rt = tvm.runtime.load_module(lib)
     finally:
         os.unlink(lib)  # the loaded code stays mapped
     return rt, device
