@@ -123,7 +123,7 @@ def calibrate(model, calib_data: np.ndarray, batch: int = 64, progress: bool = T
             it = _batches(calib_data, batch)
             if progress:
                 it = tqdm(it, total=-(-len(calib_data) // batch), desc=f"calibrate {p}/2",
-                          leave=False)
+                          leave=False, disable=None)  # None: no bar unless a terminal
             with torch.no_grad():
                 for xb in it:
                     model(torch.from_numpy(xb))
