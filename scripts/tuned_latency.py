@@ -12,8 +12,8 @@ import numpy as np
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig
 from flexiq_tvm.eval import load_eval_data, zoo_plan
+from flexiq_tvm.lowering import database_exists, default_database
 from flexiq_tvm.runtime.module import median_ms
-from flexiq_tvm.tune import database_exists, default_database
 from flexiq_tvm.zoo import registry
 
 MODELS = ("resnet20_fmnist", "mobilenetv2_fmnist", "vit_fmnist", "swin_fmnist")

@@ -11,7 +11,8 @@ import pytest
 
 import flexiq_tvm
 from flexiq_tvm.eval import load_eval_data
-from flexiq_tvm.tune import RPCConfig, database_exists, lowered, tunable_tasks, tune
+from flexiq_tvm.lowering import database_exists
+from flexiq_tvm.tune import RPCConfig, lowered, tunable_tasks, tune
 
 NAME = "resnet20_fmnist"
 
@@ -55,7 +56,7 @@ def _wait_for_servers(port: int, key: str, n: int, timeout_s: float = 60.0) -> N
 
 
 def test_compile_applies_the_committed_database(resnet20):
-    from flexiq_tvm.tune import default_database
+    from flexiq_tvm.lowering import default_database
 
     model, plan = resnet20
     _, xs, _ = load_eval_data(NAME, 1)
