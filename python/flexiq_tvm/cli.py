@@ -193,7 +193,7 @@ def cmd_serve(args) -> int:
     import threading
 
     from .runtime import AdaptivePolicy, StaticPolicy, load
-    from .runtime.server import InferenceServer, worker_profile
+    from .runtime.server import InferenceServer, raise_open_files_limit, worker_profile
 
     key = None
     if args.key_file:
@@ -209,8 +209,15 @@ def cmd_serve(args) -> int:
             raise ValueError("--slo-ms is required for the adaptive policy (or give --ratio)")
         profile = worker_profile(mod, args.threads)  # as the worker will run
         policy = AdaptivePolicy(profile, args.slo_ms)
+    raise_open_files_limit()  # the default connection limit follows it
+    mib = 2**20
+    limits = {"max_connections": args.max_connections, "idle_timeout": args.idle_timeout,
+              "header_timeout": args.header_timeout, "body_timeout": args.body_timeout,
+              "max_body": int(args.max_body_mb * mib),
+              "max_inflight_bytes": int(args.max_inflight_mb * mib),
+              "max_json": None if args.max_json_mb is None else int(args.max_json_mb * mib)}
     srv = InferenceServer(mod, policy, host=args.host, port=args.port,
-                          max_queue=args.max_queue, threads=args.threads).start()
+                          max_queue=args.max_queue, threads=args.threads, **limits).start()
     print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, "
           f"{'static ' + str(args.ratio) if args.ratio is not None else 'adaptive'}); "
           "Ctrl-C stops", flush=True)
@@ -435,6 +442,25 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                     "(or set FLEXIQ_ARTIFACT_KEY)")
     sv.add_argument("--threads", type=int, help="TVM threads of the inference worker "
                     "(default: every CPU but one, left to the HTTP front end)")
+    lim = sv.add_argument_group("limits against slow or hostile clients (docs/http.md)")
+    lim.add_argument("--max-connections", type=int, help="open connections before new clients "
+                     "get 503 (default: what the open-files limit allows, at most 4096)")
+    lim.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                     help="close a connection idle this long (default 30)")
+    lim.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                     help="408 when a request head is not complete this long after its first "
+                     "byte (default 10)")
+    lim.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                     help="408 when a body is not complete this long after its head; also the "
+                     "time a client has to take an answer (default 30)")
+    lim.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB",
+                     help="largest request body, 413 beyond (default 8)")
+    lim.add_argument("--max-inflight-mb", type=float, default=64.0, metavar="MB",
+                     help="request bytes all connections may hold at once, 503 beyond "
+                     "(default 64)")
+    lim.add_argument("--max-json-mb", type=float, metavar="MB", help="largest JSON body "
+                     "(default: what one sample needs, 64 KiB + 48 bytes a number; send large "
+                     "inputs as application/octet-stream)")
     sv.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser("loadtest", help="replay a bursty trace against static and adaptive "
@@ -528,11 +554,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:  # also TVM's benign native warnings (flexiq_tvm._quiet), here and in
         os.environ["FLEXIQ_VERBOSE"] = "1"  # the processes this one starts
+    from .runtime import ArtifactError
     from .zoo.data import DataUnavailableError
 
     try:
         return args.func(args)
-    except (DataUnavailableError, FileNotFoundError, ValueError, ImportError) as e:
+    except (DataUnavailableError, ArtifactError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError, ValueError, ImportError) as e:
+        if args.verbose:
+            raise
         print(f"flexiq-tvm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
