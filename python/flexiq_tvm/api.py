@@ -97,8 +97,9 @@ def compile(model, example_input, calib_data=None, target="llvm",
     Parameters
     ----------
     model
-        A ``torch.nn.Module``, or an ONNX path / ModelProto together with ``plan`` (a plan is
-        computed on a torch module: ``flexiq-tvm quantize`` writes one).
+        A ``torch.nn.Module``, or an ONNX model (path, bytes or ``ModelProto``): without a
+        ``plan``, an ONNX model is calibrated and searched on its own graph (run in torch by
+        :mod:`flexiq_tvm.onnx_torch`), no torch source needed.
     example_input
         A tensor / array of the input shape (the module is compiled for this shape).
     calib_data
@@ -139,18 +140,20 @@ def compile(model, example_input, calib_data=None, target="llvm",
     config = config or FlexiQConfig()
     times = {}
     t0 = time.perf_counter()
+    x = example_input.numpy() if hasattr(example_input, "numpy") else np.asarray(example_input)
     if plan is None:
-        if not frontend.is_torch_module(model):
-            raise ValueError("compiling an ONNX model needs plan=QuantPlan computed on its torch "
-                             "source (flexiq-tvm quantize --out plan.npz)")
         if calib_data is None:
             raise ValueError("calib_data is required when no plan is given")
-        plan = quantize(model, np.asarray(calib_data, np.float32), config, progress=progress)
+        calib = _checked_calibration(calib_data, x.shape)
+        # an ONNX-only model is calibrated and searched on the graph the compiler imports,
+        # run in torch (flexiq_tvm.onnx_torch): its plan finds its layers by their weights
+        source = (model if frontend.is_torch_module(model)
+                  else frontend.onnx_calibration_model(model, x.astype(np.float32)))
+        plan = quantize(source, calib, config, progress=progress)
     times["quantize"] = time.perf_counter() - t0
     ratios = [float(r) for r in config.ratios]
     for r in ratios:
         plan.check_ratio(r)
-    x = example_input.numpy() if hasattr(example_input, "numpy") else np.asarray(example_input)
     t0 = time.perf_counter()
     imported = frontend.import_model(model, x.astype(np.float32), via=via)
     mod = transform.prepare()(imported.bound())
@@ -202,6 +205,26 @@ def compile(model, example_input, calib_data=None, target="llvm",
     return CompiledModule(ex, ratios, x.shape, report, plan, device=device,
                           expose_layers=expose_layers, layers=qpass.layers,
                           metadata=json_safe(meta))
+
+
+def _checked_calibration(calib_data, example_shape) -> np.ndarray:
+    """Calibration samples as float32 ``(N, *sample)``, or one line saying what is wrong."""
+    try:
+        calib = np.asarray(calib_data, np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"calibration data must be an array of numbers, got "
+                         f"{type(calib_data).__name__}") from None
+    sample = tuple(example_shape[1:])
+    if calib.ndim != len(example_shape) or tuple(calib.shape[1:]) != sample:
+        raise ValueError(f"calibration data has shape {calib.shape}; expected (N, "
+                         f"{', '.join(map(str, sample))}) like the example input "
+                         f"{tuple(example_shape)}")
+    if not np.isfinite(calib).all():
+        raise ValueError("calibration data contains NaN or infinity")
+    if len(calib) < 8:
+        raise ValueError(f"{len(calib)} calibration samples; at least 8 are needed (a few "
+                         "hundred are best)")
+    return calib
 
 
 def _quiet_build():

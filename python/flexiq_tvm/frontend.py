@@ -188,14 +188,15 @@ def fold_onnx_constants(proto):
         return onnx.load(out)
 
 
-def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
-    """Import an ONNX model (path, bytes or ``ModelProto``).
+def prepare_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None):
+    """The ONNX graph as the compiler imports it, and its static input shapes.
 
     ``input_shapes`` maps graph input names to static shapes; by default the shapes declared
-    in the graph are used (they must then be static).
+    in the graph are used (they must then be static). A graph that computes shapes at run
+    time is constant-folded first (with the inputs made static). Calibration on an ONNX-only
+    model runs on this same graph (:func:`onnx_calibration_model`), so that its plan finds
+    its layers by their weights.
     """
-    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
-
     proto = _load_onnx(model)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -206,11 +207,15 @@ def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
                              f"(inputs: {sorted(i.name for i in inputs)})")
     shapes: dict[str, tuple[int, ...]] = {}
     for inp in inputs:
-        if input_shapes and inp.name in input_shapes:
-            shapes[inp.name] = tuple(int(d) for d in input_shapes[inp.name])
-            continue
         dims = [d.dim_value if d.HasField("dim_value") else None
                 for d in inp.type.tensor_type.shape.dim]
+        if input_shapes and inp.name in input_shapes:
+            shape = tuple(int(d) for d in input_shapes[inp.name])
+            if len(shape) != len(dims) or any(d and d != v for d, v in zip(dims, shape)):
+                raise ValueError(f"ONNX input {inp.name!r} has shape {dims} (None: dynamic); "
+                                 f"got an example of shape {shape}")
+            shapes[inp.name] = shape
+            continue
         if any(d is None or d <= 0 for d in dims):
             raise ValueError(
                 f"ONNX input {inp.name!r} has a dynamic shape {dims}; pass input_shapes="
@@ -220,8 +225,51 @@ def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     if _has_runtime_shapes(proto):
         log.info("ONNX graph computes shapes at run time: constant-folding it first")
         proto = fold_onnx_constants(_with_static_inputs(proto, shapes))
+    return proto, shapes
+
+
+def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
+    """Import an ONNX model (path, bytes or ``ModelProto``); ``input_shapes`` as in
+    :func:`prepare_onnx`."""
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    proto, shapes = prepare_onnx(model, input_shapes)
     mod = tvm_from_onnx(proto, shape_dict=shapes, keep_params_in_input=True)
     return _detach(mod, len(shapes), list(shapes.values()), "onnx")
+
+
+def _example_shapes(proto, example_input) -> dict | None:
+    if example_input is None:
+        return None
+    xs = _as_tuple(example_input)
+    initializers = {i.name for i in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    if len(names) != len(xs):
+        raise ValueError(f"the ONNX graph takes {len(names)} inputs ({names}); got "
+                         f"{len(xs)} example inputs")
+    return {n: tuple(x.shape) for n, x in zip(names, xs, strict=True)}
+
+
+def onnx_calibration_model(model, example_input=None):
+    """The FP32 torch module that calibration and the channel search run on for an ONNX-only
+    model: the graph :func:`prepare_onnx` gives the compiler, run by
+    :func:`flexiq_tvm.onnx_torch.to_torch` (its convs and linears hold the graph's own
+    weights)."""
+    from .onnx_torch import to_torch
+
+    proto = _load_onnx(model)
+    shapes = _example_shapes(proto, example_input)
+    prepare_onnx(proto, shapes)  # the same checks of the inputs as the compile
+    # folded as the compiler's graph is (onnxruntime's basic fusions, e.g. BatchNorm into
+    # the conv, so the weights are the same) but with the batch axis left as the file has
+    # it, so that calibration runs in batches; a batch fixed in the file runs in chunks
+    if _has_runtime_shapes(proto):
+        proto = fold_onnx_constants(proto)
+    initializers = {i.name for i in proto.graph.initializer}
+    first = next(i for i in proto.graph.input if i.name not in initializers)
+    dim0 = first.type.tensor_type.shape.dim[:1]
+    batch = int(dim0[0].dim_value) if dim0 and dim0[0].HasField("dim_value") else None
+    return to_torch(proto, shapes, batch=batch)
 
 
 def _with_static_inputs(proto, shapes):
@@ -262,13 +310,7 @@ def import_model(model, example_input=None, via: str = "torch.export") -> Import
         proto = export_onnx(model, example_input)
         return from_onnx(proto)
     proto = _load_onnx(model)
-    shapes = None
-    if example_input is not None:
-        xs = _as_tuple(example_input)
-        initializers = {i.name for i in proto.graph.initializer}
-        names = [i.name for i in proto.graph.input if i.name not in initializers]
-        shapes = {n: tuple(x.shape) for n, x in zip(names, xs, strict=True)}
-    return from_onnx(proto, shapes)
+    return from_onnx(proto, _example_shapes(proto, example_input))
 
 
 def default_llvm_target() -> dict:

@@ -1,0 +1,206 @@
+"""Real traffic beside hostile connections, against `flexiq-tvm serve` on a real artifact.
+
+    .venv/bin/python scripts/idle_flood.py [--idle 2000] [--rate 200] [--seconds 8] [--json F]
+
+Compiles ResNet-20 (ratios 0 and 1), exports it, starts the CLI server (static ratio 0,
+``--max-connections`` = the idle connections + the legitimate ones + 2) and runs three phases
+of the same open-loop Poisson traffic (binary bodies over 8 keep-alive connections, latency
+counted from each request's scheduled time) with a /healthz probe every 50 ms:
+
+1. ``baseline``: the traffic alone;
+2. ``idle``: with ``--idle`` idle connections held (the server at its connection limit but 2);
+3. ``flood``: and new connections arriving as fast as one client thread can make them, each
+   expected to get 503.
+
+Prints one line per phase and writes the figures as JSON: requests, share answered 200,
+p50 / p99 latency, /healthz p50 / max, open and refused connections (the server's /metrics),
+the lines the server logged during the phase, and its resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import queue
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _traffic(addr, body: bytes, rate: float, seconds: float, conns: int, seed: int):
+    """Open-loop Poisson arrivals served by ``conns`` keep-alive clients: per request
+    (status or None, latency in ms from its scheduled time)."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter() + 0.05
+    arrivals = t0 + np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.5)))
+    arrivals = arrivals[arrivals < t0 + seconds]
+    todo: queue.Queue = queue.Queue()
+    for t in arrivals:
+        todo.put(float(t))
+    out: list = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        c = http.client.HTTPConnection(*addr, timeout=10)
+        while True:
+            try:
+                t = todo.get_nowait()
+            except queue.Empty:
+                break
+            wait = t - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                c.request("POST", "/v1/infer", body, {"Content-Type": "application/octet-stream",
+                                                      "Accept": "application/octet-stream"})
+                r = c.getresponse()
+                r.read()
+                got = (r.status, 1e3 * (time.perf_counter() - t))
+            except (OSError, http.client.HTTPException):
+                c.close()
+                c = http.client.HTTPConnection(*addr, timeout=10)
+                got = (None, 1e3 * (time.perf_counter() - t))
+            with lock:
+                out.append(got)
+        c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def _probe(addr, stop: threading.Event, out: list) -> None:
+    c = http.client.HTTPConnection(*addr, timeout=10)
+    while not stop.is_set():
+        t = time.perf_counter()
+        c.request("GET", "/healthz")
+        c.getresponse().read()
+        out.append(1e3 * (time.perf_counter() - t))
+        time.sleep(0.05)
+    c.close()
+
+
+def _flood(addr, stop: threading.Event, codes: list) -> None:
+    while not stop.is_set():
+        try:
+            with socket.create_connection(addr, timeout=5) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+                got = s.recv(4096)
+            codes.append(int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1") else None)
+        except OSError:
+            codes.append(None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--idle", type=int, default=2000, help="idle connections held")
+    ap.add_argument("--rate", type=float, default=200.0, help="real requests/s")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = args.idle + 512
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+    import flexiq_tvm
+    from flexiq_tvm import FlexiQConfig
+    from flexiq_tvm.zoo import data, registry
+
+    model = registry.get_model("resnet20_fmnist")
+    xs, _ = data.load_fmnist("test", 1)
+    cfg = FlexiQConfig(selection="static", calib_images=64, ratios=(0, 1))
+    tmp = Path(tempfile.mkdtemp(prefix="flexiq-flood-"))
+    art = tmp / "resnet20.flexiq"
+    flexiq_tvm.compile(model, xs, data.fmnist_calibration(64), config=cfg).export(art)
+
+    legit = 8 + 1 + 1  # traffic connections, the probe and the metrics reader
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp / "server.log", "w+")
+    cmd = [sys.executable, "-m", "flexiq_tvm.cli", "serve", str(art), "--ratio", "0",
+           "--port", str(port), "--max-connections", str(args.idle + legit + 2)]
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    srv.stdout.readline()  # "serving ... on ..."
+    addr = ("127.0.0.1", port)
+    body = xs[0].tobytes()
+    meter = http.client.HTTPConnection(*addr, timeout=10)  # /metrics, between phases
+
+    def metrics() -> dict:
+        meter.request("GET", "/metrics")
+        return json.loads(meter.getresponse().read())
+
+    results, idle_socks = [], []
+    try:
+        for phase in ("baseline", "idle", "flood"):
+            if phase == "idle":
+                idle_socks = [socket.create_connection(addr) for _ in range(args.idle)]
+                time.sleep(0.5)
+            log.seek(0, os.SEEK_END)
+            log_at = log.tell()
+            before = metrics()["connections"]["refused"]
+            stop, probe, flood = threading.Event(), [], []
+            helpers = [threading.Thread(target=_probe, args=(addr, stop, probe))]
+            if phase == "flood":
+                helpers.append(threading.Thread(target=_flood, args=(addr, stop, flood)))
+            for t in helpers:
+                t.start()
+            clients, reqs = _traffic(addr, body, args.rate, args.seconds, 8, seed=1)
+            for t in clients:
+                t.join()
+            m = metrics()
+            stop.set()
+            for t in helpers:
+                t.join()
+            log.seek(log_at)
+            lines = [ln for ln in log.read().splitlines() if ln.strip()]
+            ok = [ms for code, ms in reqs if code == 200]
+            row = {"phase": phase, "requests": len(reqs),
+                   "ok_pct": 100.0 * len(ok) / max(1, len(reqs)),
+                   "p50_ms": float(np.percentile(ok, 50)), "p99_ms": float(np.percentile(ok, 99)),
+                   "healthz_p50_ms": float(np.median(probe)), "healthz_max_ms": float(max(probe)),
+                   "open_connections": m["connections"]["open"],
+                   "refused": m["connections"]["refused"] - before,
+                   "flood_503": flood.count(503), "flood_other": len(flood) - flood.count(503),
+                   "server_log_lines": len(lines), "server_rss_mib": _rss_mib(srv.pid)}
+            results.append(row)
+            print(f"{phase:8s}  {row['requests']:5d} req  {row['ok_pct']:5.1f} % ok  "
+                  f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:7.2f} ms  healthz p50 "
+                  f"{row['healthz_p50_ms']:5.2f} max {row['healthz_max_ms']:6.2f} ms  open "
+                  f"{row['open_connections']:5d}  refused {row['refused']:5d}  "
+                  f"log {row['server_log_lines']} lines  rss {row['server_rss_mib']:.0f} MiB",
+                  flush=True)
+    finally:
+        for s in idle_socks:
+            s.close()
+        meter.close()
+        srv.terminate()
+        srv.wait(20)
+    doc = {"idle": args.idle, "rate_rps": args.rate, "seconds": args.seconds,
+           "max_connections": args.idle + legit + 2, "phases": results}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
