@@ -224,3 +224,24 @@ def test_bad_calibration_data_gets_one_clear_error(tmp_path, calib, msg):
     path = _export(Grouped(), x, tmp_path / "g.onnx")
     with pytest.raises(ValueError, match=msg):
         flexiq_tvm.compile(str(path), x[:1], calib, config=FlexiQConfig(ratios=(0, 1)))
+
+
+def test_compiles_from_a_saved_torch_export_program_alone(tmp_path):
+    torch.manual_seed(3)
+    x = _data(3)
+    net = Fire().eval()
+    path = tmp_path / "fire.pt2"
+    torch.export.save(torch.export.export(net, (torch.from_numpy(x[:1]),)), str(path))
+    del net
+    program = torch.export.load(str(path)).module()
+    cfg = FlexiQConfig(selection="static", ratios=(0, 0.5, 1), calib_images=64)
+    cm = flexiq_tvm.compile(str(path), x[:1], x[16:], config=cfg, expose_layers=True)
+    assert len(cm.report.covered) == 8, cm.report.summary()  # 7 convs and the head
+    assert not [k for k in cm.report.kept_fp32 if k.get("weight_bytes")]
+    for r in (0.0, 0.5, 1.0):
+        assert oracle_mismatches(cm, x[:1], r) == [], r
+    with torch.no_grad():
+        ref = np.concatenate([program(torch.from_numpy(x[i : i + 1])).numpy()
+                              for i in range(8)])
+    y = np.concatenate([cm(x[i : i + 1], ratio=0.0) for i in range(8)])
+    assert _sqnr(ref, y) >= 25.0, _sqnr(ref, y)

@@ -97,7 +97,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
     Parameters
     ----------
     model
-        A ``torch.nn.Module``, or an ONNX model (path, bytes or ``ModelProto``): without a
+        A ``torch.nn.Module``; a saved ``torch.export`` program (``.pt2`` path or
+        ``ExportedProgram``); or an ONNX model (path, bytes or ``ModelProto``): without a
         ``plan``, an ONNX model is calibrated and searched on its own graph (run in torch by
         :mod:`flexiq_tvm.onnx_torch`), no torch source needed.
     example_input
@@ -141,6 +142,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
     times = {}
     t0 = time.perf_counter()
     x = example_input.numpy() if hasattr(example_input, "numpy") else np.asarray(example_input)
+    model = _torch_program(model)
     if plan is None:
         if calib_data is None:
             raise ValueError("calib_data is required when no plan is given")
@@ -205,6 +207,23 @@ def compile(model, example_input, calib_data=None, target="llvm",
     return CompiledModule(ex, ratios, x.shape, report, plan, device=device,
                           expose_layers=expose_layers, layers=qpass.layers,
                           metadata=json_safe(meta))
+
+
+def _torch_program(model):
+    """A saved ``torch.export`` program (a ``.pt2`` path or an ``ExportedProgram``) as the
+    torch module calibration and the compiler share (:mod:`flexiq_tvm.pt2_torch`); any other
+    model as it is."""
+    from pathlib import Path
+
+    if isinstance(model, str | Path) and Path(model).suffix == ".pt2":
+        from . import pt2_torch
+
+        return pt2_torch.to_torch(pt2_torch.load(model))
+    if type(model).__name__ == "ExportedProgram":
+        from . import pt2_torch
+
+        return pt2_torch.to_torch(model)
+    return model
 
 
 def _checked_calibration(calib_data, example_shape) -> np.ndarray:

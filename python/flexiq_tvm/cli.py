@@ -130,6 +130,14 @@ def cmd_compile(args) -> int:
     from .demo import compile_and_measure, print_compiled
     from .plan import QuantPlan
 
+    if args.source and args.model:
+        raise ValueError(f"give the model once: {args.source!r} or --model {args.model}")
+    name = args.source or args.model
+    if name is None:
+        raise ValueError("which model? give an .onnx or .pt2 file or a zoo name "
+                         f"({', '.join(_models())})")
+    if args.out or args.calib or name not in _fmnist_models():
+        return _compile_to_artifact(name, args)
     plan = QuantPlan.load(args.plan) if args.plan else None
     target = _target(args)
     if isinstance(target, dict):
@@ -139,13 +147,53 @@ def cmd_compile(args) -> int:
             raise ValueError("--target cuda measures on a GPU and this machine has none; "
                              "flexiq_tvm.compile(..., target={'kind': 'cuda', 'arch': ...}) "
                              "builds without one")
-    res = compile_and_measure(args.model, plan=plan, selection=args.selection, via=args.via,
+    res = compile_and_measure(name, plan=plan, selection=args.selection, via=args.via,
                               n_images=args.limit, finetuned=args.finetuned, target=target)
     print_compiled(res)
     if args.json:
         doc = {k: v for k, v in res.items() if k != "report"}
         doc["report"] = res["report"].as_dict()
         _write_json(doc, args.json)
+    return 0
+
+
+def _compile_to_artifact(name: str, args) -> int:
+    """``compile MODEL --calib DATA --out model.flexiq``: a file (or zoo model) to an
+    artifact, with a summary table (flexiq_tvm.usermodel)."""
+    from . import usermodel
+    from .config import parse_ratios
+
+    if args.plan or args.finetuned or args.via != "torch.export":
+        raise ValueError("--plan, --finetuned and --via apply to zoo models measured without "
+                         "--out")
+    out = Path(args.out) if args.out else Path(Path(name).stem + ".flexiq")
+    usermodel.check_output(out)  # before any work
+    ratios = parse_ratios(args.ratios)
+    if any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError(f"--ratios {args.ratios}: each ratio must be in [0, 1]")
+    size = None
+    if args.input_size:
+        try:
+            hw = [int(v) for v in args.input_size.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-size {args.input_size!r}: expected H or H,W") from None
+        if len(hw) not in (1, 2) or min(hw) <= 0:
+            raise ValueError(f"--input-size {args.input_size!r}: expected H or H,W")
+        size = (hw[0], hw[-1])
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be at least 1")
+    key = None
+    if args.key_file:
+        with open(args.key_file, "rb") as f:
+            key = f.read().strip()
+    mean = usermodel.parse_floats(args.mean, 3, "mean") if args.mean else None
+    std = usermodel.parse_floats(args.std, 3, "std") if args.std else None
+    doc = usermodel.compile_to_artifact(
+        name, args.calib, out, ratios, selection=args.selection, target=_target(args),
+        batch=args.batch, input_size=size, mean=mean, std=std, resize=args.resize,
+        calib_images=args.calib_images, key=key, progress=sys.stderr.isatty())
+    usermodel.print_summary(doc)
+    _write_json(doc, args.json)
     return 0
 
 
@@ -387,11 +435,34 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     _add_search_args(q)
     q.set_defaults(func=cmd_quantize)
 
-    c = sub.add_parser("compile", help="compile a zoo model with FlexiQ (llvm) and measure it",
-                       description="Quantize (or load --plan), compile one module with a "
-                       "function per ratio, print the compile report and, per ratio, top-1 and "
-                       "batch-1 latency from real runs.")
-    c.add_argument("--model", required=True, choices=_fmnist_models())
+    c = sub.add_parser("compile", help="compile a model (.onnx, .pt2 or a zoo name) into an "
+                       "artifact, or measure a zoo model",
+                       description="MODEL.onnx / MODEL.pt2 (or a zoo name) with --calib: "
+                       "calibrate, select the channels, compile one module with a function per "
+                       "ratio and write the artifact --out (signed with --key-file) that "
+                       "`flexiq-tvm serve` takes; prints a table per ratio (share of MACs in "
+                       "4-bit, covered layers, ops left in FP32, SQNR vs the FP32 model). A zoo "
+                       "FMNIST model without --out / --calib is compiled and measured instead "
+                       "(top-1 and batch-1 latency per ratio).")
+    c.add_argument("source", nargs="?", metavar="MODEL",
+                   help="an .onnx or .pt2 file, or a zoo model name")
+    c.add_argument("--model", choices=_fmnist_models(), help="a zoo model to measure")
+    c.add_argument("--calib", metavar="DATA", help="calibration data: a folder of images, or "
+                   "a .npy / .npz array (N, C, H, W) of preprocessed samples")
+    c.add_argument("--out", metavar="PATH", help="artifact to write (default MODEL.flexiq)")
+    c.add_argument("--ratios", default="0,0.25,0.5,0.75,1",
+                   help="low-bit ratios to compile (default 0,0.25,0.5,0.75,1)")
+    c.add_argument("--input-size", metavar="H[,W]", help="input size where the model leaves "
+                   "it dynamic; images are resized and center-cropped to it")
+    c.add_argument("--batch", type=int, default=1, help="batch size to compile for, where "
+                   "the model's batch axis is dynamic (default 1)")
+    c.add_argument("--mean", help="per-channel mean for images in [0, 1] (default ImageNet's)")
+    c.add_argument("--std", help="per-channel std for images (default ImageNet's)")
+    c.add_argument("--resize", type=int, help="resize the short side of images to this before "
+                   "the center crop (default input / 0.875, torchvision's 256 for 224)")
+    c.add_argument("--calib-images", type=int, default=256,
+                   help="calibration samples used (default 256)")
+    c.add_argument("--key-file", help="sign the artifact with this HMAC key")
     c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")
     c.add_argument("--finetuned", action="store_true",
                    help="compile the committed finetuned model and plan (`flexiq-tvm finetune`)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -58,7 +59,21 @@ class FlexiQConfig:
     sensitivity_steps: int = 8
 
     def __post_init__(self) -> None:
-        ratios = tuple(float(r) for r in self.ratios)
+        if isinstance(self.ratios, str | bytes) or not hasattr(self.ratios, "__iter__"):
+            raise TypeError(f"ratios={self.ratios!r}: must be a sequence of numbers, e.g. "
+                            "(0, 0.5, 1)")
+        try:
+            ratios = tuple(float(r) for r in self.ratios)
+        except (TypeError, ValueError):
+            raise TypeError(f"ratios={self.ratios!r}: each must be a number") from None
+        for name in ("keep_first_8bit", "keep_last_8bit", "depthwise_low"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r}: must be True or False")
+        for name in ("calib_images", "search_images", "seed", "population", "generations",
+                     "sensitivity_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name}={v!r}: must be an integer")
         object.__setattr__(self, "ratios", ratios)
         if not ratios:
             raise ValueError("ratios must not be empty; e.g. (0, 0.25, 0.5, 0.75, 1)")

@@ -464,20 +464,7 @@ def to_torch(proto, input_shapes: dict[str, tuple[int, ...]] | None = None,
             if len(xs) != len(self.inputs):
                 raise ValueError(f"the ONNX graph takes {len(self.inputs)} inputs "
                                  f"({self.inputs}), got {len(xs)}")
-            n = xs[0].shape[0] if xs and xs[0].dim() else None
-            if batch is None or n is None or n == batch:
-                return self._run(xs)
-            chunks = []
-            for i in range(0, n, batch):
-                part = [x[i : i + batch] for x in xs]
-                short = batch - part[0].shape[0]
-                if short:  # fill the last chunk with repeats of its first sample
-                    part = [torch.cat([p, p[:1].expand(short, *p.shape[1:])]) for p in part]
-                out = self._run(part)
-                outs = out if isinstance(out, tuple) else (out,)
-                chunks.append([o[: batch - short] for o in outs])
-            outs = tuple(torch.cat(col) for col in zip(*chunks))
-            return outs[0] if len(outs) == 1 else outs
+            return self._run(xs)
 
         def _run(self, xs):
             env = dict(self.consts)
@@ -495,4 +482,36 @@ def to_torch(proto, input_shapes: dict[str, tuple[int, ...]] | None = None,
             outs = tuple(env[n] for n in self.outputs)
             return outs[0] if len(outs) == 1 else outs
 
-    return OnnxModule().eval()
+    m = OnnxModule().eval()
+    return m if batch is None else chunked(m, batch)
+
+
+def chunked(module, batch: int):
+    """``module`` (fixed to ``batch`` samples: its reshapes say so) run on any batch: in chunks
+    of ``batch``, the last one filled with repeats of its first sample, outputs concatenated
+    (calibration statistics see each real sample once, and the repeats)."""
+    import torch
+    from torch import nn
+
+    class Chunked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *xs):
+            n = xs[0].shape[0] if xs and xs[0].dim() else None
+            if n is None or n == batch:
+                return self.inner(*xs)
+            chunks = []
+            for i in range(0, n, batch):
+                part = [x[i : i + batch] for x in xs]
+                short = batch - part[0].shape[0]
+                if short:
+                    part = [torch.cat([p, p[:1].expand(short, *p.shape[1:])]) for p in part]
+                out = self.inner(*part)
+                outs = out if isinstance(out, tuple) else (out,)
+                chunks.append([o[: batch - short] for o in outs])
+            outs = tuple(torch.cat(col) for col in zip(*chunks))
+            return outs[0] if len(outs) == 1 else outs
+
+    return Chunked().eval()

@@ -17,10 +17,13 @@ per ratio.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1
 
@@ -157,7 +160,18 @@ class QuantPlan:
     @classmethod
     def load(cls, path: str | Path) -> QuantPlan:
         path = Path(path)
-        with np.load(path, allow_pickle=False) as z:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such plan file: {path}" if not path.exists()
+                                    else f"{path}: is a directory, not a plan file")
+        try:
+            z = np.load(path, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile) or "__header__" not in z:
+                raise ValueError("no plan header")
+        except (ValueError, OSError) as e:
+            log.debug("plan %s: %s", path, e)
+            raise ValueError(f"{path}: not a FlexiQ plan (`flexiq-tvm quantize --out` "
+                             "writes one)") from None
+        with z:
             header = json.loads(bytes(z["__header__"]).decode())
             if header.get("format") != PLAN_FORMAT:
                 raise ValueError(f"{path}: plan format {header.get('format')}, "
