@@ -3,13 +3,13 @@
     .venv/bin/python scripts/idle_flood.py [--idle 2000] [--rate 200] [--seconds 8] [--json F]
 
 Compiles ResNet-20 (ratios 0 and 1), exports it, starts the CLI server (static ratio 0,
-``--max-connections`` = the idle connections + the legitimate ones + 2) and runs three phases
+``--max-connections`` = the idle connections + the 10 legitimate ones) and runs three phases
 of the same open-loop Poisson traffic (binary bodies over 8 keep-alive connections, latency
 counted from each request's scheduled time) with a /healthz probe every 50 ms:
 
 1. ``baseline``: the traffic alone;
-2. ``idle``: with ``--idle`` idle connections held (the server at its connection limit but 2);
-3. ``flood``: and new connections arriving as fast as one client thread can make them, each
+2. ``idle``: with ``--idle`` idle connections held (the server then at its connection limit);
+3. ``flood``: and new connections arriving as fast as one client process can make them, each
    expected to get 503.
 
 Prints one line per phase and writes the figures as JSON: requests, share answered 200,
@@ -97,15 +97,22 @@ def _probe(addr, stop: threading.Event, out: list) -> None:
     c.close()
 
 
-def _flood(addr, stop: threading.Event, codes: list) -> None:
-    while not stop.is_set():
+def _flood_child(host: str, port: int, seconds: float) -> None:
+    """In a process of its own (so that it does not take the traffic client's GIL): new
+    connections one after another for ``seconds``, each sending a request and reading the
+    answer; prints the count of each status as JSON."""
+    codes: dict = {}
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
         try:
-            with socket.create_connection(addr, timeout=5) as s:
+            with socket.create_connection((host, port), timeout=5) as s:
                 s.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
                 got = s.recv(4096)
-            codes.append(int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1") else None)
-        except OSError:
-            codes.append(None)
+            code = got.split(b" ", 2)[1].decode() if got.startswith(b"HTTP/1.1") else "none"
+        except OSError as e:
+            code = type(e).__name__
+        codes[code] = codes.get(code, 0) + 1
+    print(json.dumps(codes), flush=True)
 
 
 def main() -> int:
@@ -114,7 +121,13 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="real requests/s")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--flood-child", nargs=3, metavar=("HOST", "PORT", "SECONDS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.flood_child:
+        host, port, seconds = args.flood_child
+        _flood_child(host, int(port), float(seconds))
+        return 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.idle + 512
     if soft < need:
@@ -131,13 +144,14 @@ def main() -> int:
     art = tmp / "resnet20.flexiq"
     flexiq_tvm.compile(model, xs, data.fmnist_calibration(64), config=cfg).export(art)
 
-    legit = 8 + 1 + 1  # traffic connections, the probe and the metrics reader
+    legit = 8 + 1 + 1  # traffic connections, the probe and the metrics reader: with the idle
+    # ones, exactly the limit, so that in the flood phase every new connection is refused
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp / "server.log", "w+")
     cmd = [sys.executable, "-m", "flexiq_tvm.cli", "serve", str(art), "--ratio", "0",
-           "--port", str(port), "--max-connections", str(args.idle + legit + 2)]
+           "--port", str(port), "--max-connections", str(args.idle + legit)]
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     srv.stdout.readline()  # "serving ... on ..."
     addr = ("127.0.0.1", port)
@@ -151,21 +165,26 @@ def main() -> int:
     results, idle_socks = [], []
     try:
         for phase in ("baseline", "idle", "flood"):
+            time.sleep(0.5)  # the last phase's connections are closed
             if phase == "idle":
                 idle_socks = [socket.create_connection(addr) for _ in range(args.idle)]
                 time.sleep(0.5)
             log.seek(0, os.SEEK_END)
             log_at = log.tell()
             before = metrics()["connections"]["refused"]
-            stop, probe, flood = threading.Event(), [], []
+            stop, probe, flood = threading.Event(), [], {}
             helpers = [threading.Thread(target=_probe, args=(addr, stop, probe))]
-            if phase == "flood":
-                helpers.append(threading.Thread(target=_flood, args=(addr, stop, flood)))
             for t in helpers:
                 t.start()
+            child = None
+            if phase == "flood":
+                child = subprocess.Popen([sys.executable, __file__, "--flood-child", *map(
+                    str, addr), str(args.seconds)], stdout=subprocess.PIPE, text=True)
             clients, reqs = _traffic(addr, body, args.rate, args.seconds, 8, seed=1)
             for t in clients:
                 t.join()
+            if child is not None:
+                flood = json.loads(child.communicate(timeout=60)[0])
             m = metrics()
             stop.set()
             for t in helpers:
@@ -179,14 +198,15 @@ def main() -> int:
                    "healthz_p50_ms": float(np.median(probe)), "healthz_max_ms": float(max(probe)),
                    "open_connections": m["connections"]["open"],
                    "refused": m["connections"]["refused"] - before,
-                   "flood_503": flood.count(503), "flood_other": len(flood) - flood.count(503),
+                   "flood_connections": sum(flood.values()), "flood_answers": flood,
                    "server_log_lines": len(lines), "server_rss_mib": _rss_mib(srv.pid)}
             results.append(row)
             print(f"{phase:8s}  {row['requests']:5d} req  {row['ok_pct']:5.1f} % ok  "
                   f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:7.2f} ms  healthz p50 "
                   f"{row['healthz_p50_ms']:5.2f} max {row['healthz_max_ms']:6.2f} ms  open "
                   f"{row['open_connections']:5d}  refused {row['refused']:5d}  "
-                  f"log {row['server_log_lines']} lines  rss {row['server_rss_mib']:.0f} MiB",
+                  f"log {row['server_log_lines']} lines  rss {row['server_rss_mib']:.0f} MiB"
+                  + (f"  flood {flood}" if flood else ""),
                   flush=True)
     finally:
         for s in idle_socks:

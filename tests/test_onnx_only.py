@@ -245,3 +245,21 @@ def test_compiles_from_a_saved_torch_export_program_alone(tmp_path):
                               for i in range(8)])
     y = np.concatenate([cm(x[i : i + 1], ratio=0.0) for i in range(8)])
     assert _sqnr(ref, y) >= 25.0, _sqnr(ref, y)
+
+
+def test_a_plan_that_does_not_fit_the_graph_is_a_warning_naming_the_layers(tmp_path, caplog):
+    """The old trap: a plan computed on the torch module, an ONNX file exported with BatchNorm
+    folded into the convs (other weights). The compile still works, and says so loudly."""
+    import logging
+
+    torch.manual_seed(4)
+    x = _data(4)
+    net = Bottleneck().eval()
+    cfg = FlexiQConfig(selection="static", ratios=(0, 1), calib_images=32)
+    plan = flexiq_tvm.quantize(net, x[:32], cfg, progress=False)
+    path = _export(net, x, tmp_path / "folded.onnx")
+    caplog.set_level(logging.WARNING, logger="flexiq_tvm.api")
+    cm = flexiq_tvm.compile(str(path), x[:1], plan=plan, config=cfg)
+    warned = [r.getMessage() for r in caplog.records if "stay in FP32" in r.getMessage()]
+    assert len(warned) == 1 and "relax.nn.conv2d" in warned[0], warned
+    assert [c["kind"] for c in cm.report.covered] == ["linear"]  # only the head fits

@@ -17,6 +17,7 @@ EXPECTED = {  # files each tutorial writes into its output folder
     "03_serving.py": ["resnet20_serving.flexiq", "serving_loadtest.png"],
     "04_npu.py": [],
     "05_autotuning.py": ["tuned_local/database_tuning_record.json"],
+    "06_your_own_onnx.py": ["my_model.onnx", "my_model.flexiq"],
 }
 
 
@@ -25,8 +26,10 @@ def test_every_tutorial_is_listed():
 
 
 # tutorial 05 tunes (a MetaSchedule builder starts in ~40 s): under `make test-slow`; its local
-# tuning, RPC tuning and database paths run in the default suite through tests/test_tune.py
-SLOW = {"05_autotuning.py"}
+# tuning, RPC tuning and database paths run in the default suite through tests/test_tune.py.
+# Tutorial 06's three commands (compile an ONNX file, serve it, ask it) run in the default
+# suite through tests/test_cli_usermodel.py
+SLOW = {"05_autotuning.py", "06_your_own_onnx.py"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

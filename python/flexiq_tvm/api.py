@@ -83,9 +83,31 @@ def _kept_fp32(mod) -> list[dict]:
             w = g.const_np(b.value.args[1]) if len(b.value.args) > 1 else None
             reason = ("no plan layer has these weights" if w is not None
                       else "activation x activation (attention) matmul stays FP32")
-            out.append({"op": op, "shape": list(g.shape_of(b.var)), "reason": reason,
-                        "weight_bytes": 0 if w is None else int(w.nbytes)})
+            shape = list(g.shape_of(b.var))
+            macs = 0
+            if w is not None:  # per image: output elements x reduction length
+                red = int(np.prod(w.shape[1:])) if op == "relax.nn.conv2d" else int(w.shape[0])
+                macs = int(np.prod(shape[1:])) * red
+            out.append({"op": op, "shape": shape, "reason": reason,
+                        "weight_bytes": 0 if w is None else int(w.nbytes), "macs": macs})
     return out
+
+
+def _warn_uncovered(kept: list[dict], plan: QuantPlan, missing: list[str]) -> None:
+    """One warning when more than 3 % of the weighted layers' MACs stay in FP32 (a plan that
+    does not fit the graph, e.g. computed on other weights), naming them and why."""
+    left = [k for k in kept if k.get("macs")]
+    if not left and not missing:
+        return
+    covered = sum(lp.in_channels * lp.macs_per_channel for lp in plan.layers
+                  if lp.name not in missing)
+    fp32 = sum(k["macs"] for k in left)
+    if missing or fp32 > 0.03 * (covered + fp32):
+        names = [f"{k['op']} {k['shape']}" for k in left[:4]] + missing[:4]
+        log.warning("%.0f %% of the weighted layers' MACs stay in FP32 (%d ops: %s%s); "
+                    "the report's kept_fp32 says why", 100 * fp32 / max(1, covered + fp32),
+                    len(left) + len(missing), ", ".join(names),
+                    ", ..." if len(left) + len(missing) > len(names) else "")
 
 
 def compile(model, example_input, calib_data=None, target="llvm",
@@ -199,6 +221,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
     for name in missing:
         report.kept_fp32.append({"op": name, "shape": None,
                                  "reason": "plan layer not found in the graph"})
+    _warn_uncovered(kept, plan, missing)
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
     meta = {"target": _target_json(tgt), "database": db,

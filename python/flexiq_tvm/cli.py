@@ -186,8 +186,7 @@ def _compile_to_artifact(name: str, args) -> int:
     if args.key_file:
         with open(args.key_file, "rb") as f:
             key = f.read().strip()
-    mean = usermodel.parse_floats(args.mean, 3, "mean") if args.mean else None
-    std = usermodel.parse_floats(args.std, 3, "std") if args.std else None
+    mean, std = usermodel.parse_floats(args.mean, "mean"), usermodel.parse_floats(args.std, "std")
     doc = usermodel.compile_to_artifact(
         name, args.calib, out, ratios, selection=args.selection, target=_target(args),
         batch=args.batch, input_size=size, mean=mean, std=std, resize=args.resize,

@@ -39,18 +39,17 @@ def check_output(path) -> Path:
     return path
 
 
-def parse_floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
-    """``"0.5,0.5,0.5"`` (or one number for every channel) -> ``n`` floats."""
+def parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    """``"0.485,0.456,0.406"`` (one number per channel, or one for all) -> floats."""
     if text is None:
         return None
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--{name} {text!r}: expected numbers separated by commas") from None
-    if len(vals) == 1:
-        vals = vals * n
-    if len(vals) != n or not all(np.isfinite(vals)):
-        raise ValueError(f"--{name} {text!r}: expected {n} finite numbers (one per channel)")
+    if not all(np.isfinite(vals)) or (name == "std" and min(vals) <= 0):
+        raise ValueError(f"--{name} {text!r}: expected finite numbers"
+                         + (" above 0" if name == "std" else ""))
     return vals
 
 
@@ -188,6 +187,9 @@ def _images(folder: Path, shape, limit, mean, std, resize) -> np.ndarray:
                       np.float32).reshape(-1, 1, 1)
     std = np.asarray(std if std is not None else (IMAGENET_STD if c == 3 else (1.0,)),
                      np.float32).reshape(-1, 1, 1)
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, c):
+            raise ValueError(f"--{name}: {len(v)} values for a model of {c} channels")
     resize = resize or round(min(h, w) / 0.875)
     out = []
     for f in files[:limit]:
