@@ -1,8 +1,8 @@
 """A user's model from its ONNX file alone: six architectures built in torch with seeded
-random weights, exported (BatchNorm folded, a dynamic batch axis), the torch module thrown
-away, and compiled from the .onnx file at ratios 0, 0.5 and 1. Every conv and linear is
-covered, ratio 0 is close to onnxruntime FP32, and every covered layer is bit-exact with the
-integer oracle at every ratio."""
+random weights, exported by both torch exporters (BatchNorm folded, a dynamic batch axis),
+the torch module thrown away, and compiled from the .onnx file at ratios 0, 0.5 and 1.
+Every conv and linear is covered, ratio 0 is close to onnxruntime FP32, and every covered
+layer is bit-exact with the integer oracle at every ratio."""
 
 from __future__ import annotations
 
@@ -130,12 +130,17 @@ ARCHS = {"bottleneck": Bottleneck, "dense": Dense, "shuffle": Shuffle, "grouped"
          "squeeze_excite": SqueezeExcite, "fire": Fire}
 
 
-def _export(net, x, path):
-    """Plain ``torch.onnx.export`` (TorchScript exporter): eval mode folds BatchNorm into the
-    convs; the batch axis is dynamic."""
-    torch.onnx.export(net.eval(), (torch.from_numpy(x[:1]),), str(path), dynamo=False,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}})
+def _export(net, x, path, exporter: str = "torchscript"):
+    """Plain ``torch.onnx.export`` with either exporter (TorchScript, or the dynamo-based
+    default): eval mode folds BatchNorm into the convs; the batch axis is dynamic."""
+    args = (torch.from_numpy(x[:1]),)
+    if exporter == "dynamo":
+        torch.onnx.export(net.eval(), args, str(path), dynamo=True, input_names=["image"],
+                          output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(net.eval(), args, str(path), dynamo=False, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
     return path
 
 
@@ -148,11 +153,12 @@ def _sqnr(ref, y):
     return 10 * np.log10(float((ref ** 2).sum()) / float(((y - ref) ** 2).sum()))
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_compiles_from_the_onnx_file_alone(arch, tmp_path):
+def test_compiles_from_the_onnx_file_alone(arch, exporter, tmp_path):
     torch.manual_seed(0)
     x = _data()
-    path = _export(ARCHS[arch](), x, tmp_path / f"{arch}.onnx")  # the torch module is gone
+    path = _export(ARCHS[arch](), x, tmp_path / f"{arch}.onnx", exporter)  # module gone
     proto = onnx.load(str(path))
     assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}  # folded
     weighted = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -263,3 +269,37 @@ def test_a_plan_that_does_not_fit_the_graph_is_a_warning_naming_the_layers(tmp_p
     warned = [r.getMessage() for r in caplog.records if "stay in FP32" in r.getMessage()]
     assert len(warned) == 1 and "relax.nn.conv2d" in warned[0], warned
     assert [c["kind"] for c in cm.report.covered] == ["linear"]  # only the head fits
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(_cbr(3, 16), _cbr(16, 16))
+        self.cls, self.box = nn.Linear(16, 10), nn.Linear(16, 4)
+
+    def forward(self, x):
+        f = self.body(x).mean((2, 3))
+        return self.cls(f), self.box(f)
+
+
+def test_a_graph_with_several_outputs_returns_them_all(tmp_path):
+    from flexiq_tvm.runtime.policy import StaticPolicy
+    from flexiq_tvm.runtime.server import InferenceServer
+
+    torch.manual_seed(5)
+    x = _data(5)
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(TwoHeads().eval(), (torch.from_numpy(x[:1]),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["cls", "box"])
+    cfg = FlexiQConfig(selection="greedy", ratios=(0, 1), calib_images=64)
+    cm = flexiq_tvm.compile(str(path), x[:1], x[16:], config=cfg, expose_layers=True)
+    assert cm.num_outputs == 2 and len(cm.report.covered) == 4
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"image": x[:1]})
+    got = cm(x[:1], ratio=0.0)
+    assert [g.shape for g in got] == [(1, 10), (1, 4)]
+    assert all(_sqnr(r, g) >= 25.0 for r, g in zip(ref, got, strict=True))
+    for r in (0.0, 1.0):
+        assert oracle_mismatches(cm, x[:1], r) == []
+    with pytest.raises(ValueError, match="this module has 2 outputs"):
+        InferenceServer(cm, StaticPolicy(0.0))

@@ -180,6 +180,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
         plan.check_ratio(r)
     t0 = time.perf_counter()
     imported = frontend.import_model(model, x.astype(np.float32), via=via)
+    ret = imported.mod["main"].ret_ty
+    n_outputs = len(ret.fields) if hasattr(ret, "fields") else 1
     mod = transform.prepare()(imported.bound())
     if target == "flexiq_npu":
         if expose_layers:
@@ -226,7 +228,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
              sum(times.values()))
     meta = {"target": _target_json(tgt), "database": db,
             "model": plan.model, "via": via, "plan": _plan_summary(plan, ratios),
-            "report": report.as_dict()}
+            "report": report.as_dict(), "num_outputs": n_outputs,
+            "expose_layers": bool(expose_layers)}
     return CompiledModule(ex, ratios, x.shape, report, plan, device=device,
                           expose_layers=expose_layers, layers=qpass.layers,
                           metadata=json_safe(meta))

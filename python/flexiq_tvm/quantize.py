@@ -227,13 +227,19 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     plan = QuantPlan(model_name, cfg.ratios, cfg.to_dict(), layers)
     fq = FakeQuantModel(model, plan)
     x_search = torch.from_numpy(calib[: cfg.search_images])
+
+    def outputs(x):  # every output of the model, flattened side by side (several heads)
+        out = fq(x)
+        outs = out if isinstance(out, tuple | list) else (out,)
+        return torch.cat([o.float().reshape(len(x), -1) for o in outs], 1)
+
     with torch.no_grad():
-        ref_logits = fq(x_search).float()
+        ref_logits = outputs(x_search)
 
     def distance(sets: dict[str, np.ndarray]) -> float:
         fq.set_masks(sets)
         with torch.no_grad():
-            return float(((fq(x_search).float() - ref_logits) ** 2).mean())
+            return float(((outputs(x_search) - ref_logits) ** 2).mean())
 
     selector = Selector(infos, distance, cfg, cache)
     chosen = selector.run()

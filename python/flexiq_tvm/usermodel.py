@@ -219,14 +219,20 @@ def _fp32_reference(kind: str, model, x: np.ndarray) -> np.ndarray:
         sess = ort.InferenceSession(model.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        return np.concatenate([sess.run(None, {name: x[i : i + 1]})[0]
+        return np.concatenate([_flat(sess.run(None, {name: x[i : i + 1]}))
                                for i in range(len(x))])
     import torch
 
     gm = model.module()
     with torch.no_grad():
-        return np.concatenate([gm(torch.from_numpy(x[i : i + 1])).numpy()
+        return np.concatenate([_flat(gm(torch.from_numpy(x[i : i + 1])))
                                for i in range(len(x))])
+
+
+def _flat(out) -> np.ndarray:
+    """Every output of one sample, flattened side by side (several heads compare as one)."""
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return np.concatenate([np.asarray(o, np.float32).reshape(1, -1) for o in outs], 1)
 
 
 def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
@@ -283,7 +289,8 @@ def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "
         import torch
 
         with torch.no_grad():
-            ref = model.eval()(torch.from_numpy(check)).numpy()
+            ref = np.concatenate([_flat(model.eval()(torch.from_numpy(check[i : i + 1])))
+                                  for i in range(len(check))])
     else:
         ref = _fp32_reference(kind, src, check) if shape[0] == 1 else None
     cm.export(out, key=key)
@@ -293,7 +300,8 @@ def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "
         row = {"ratio": r, "mac_4bit": cm.plan.mac_fraction(r, eligible_only=False),
                "covered": len(cm.report.covered), "fp32_ops": len(kept)}
         if ref is not None and shape[0] == 1:
-            y = np.concatenate([cm(check[i : i + 1], ratio=r) for i in range(len(check))])
+            y = np.concatenate([_flat(cm(check[i : i + 1], ratio=r))
+                                for i in range(len(check))])
             row["sqnr_db"] = sqnr_db(ref, y)
         rows.append(row)
     return {"source": str(source), "artifact": str(out), "input_shape": list(shape),

@@ -169,10 +169,20 @@ class FlexiQModule:
             self._patch(r)
             return fn(x)
 
-    def __call__(self, x, ratio: float | None = None) -> np.ndarray:
-        """The model's first output (a module with exposed layer tensors returns them after
-        it, so the first leaf is still the model's output)."""
+    @property
+    def num_outputs(self) -> int:
+        """How many outputs the model has (``__call__`` returns a tuple when more than one)."""
+        return int(self.metadata.get("num_outputs", 1))
+
+    def __call__(self, x, ratio: float | None = None):
+        """The model's output, or the tuple of its outputs when it has several (a module with
+        exposed layer tensors returns them after the model's output)."""
         out = self.run(x, ratio)
+        n = self.num_outputs
+        if n > 1:
+            if self.metadata.get("expose_layers"):
+                out = out[0]
+            return tuple(out[i].numpy() for i in range(n))
         while not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy()

@@ -191,6 +191,10 @@ class InferenceServer:
                  header_timeout: float = 10.0, body_timeout: float = 30.0,
                  max_inflight_bytes: int = 64 * 2**20, max_json: int | None = None,
                  backlog: int = 1024) -> None:
+        n_out = getattr(module, "num_outputs", 1)
+        if n_out != 1:
+            raise ValueError(f"this module has {n_out} outputs; the server answers with one "
+                             "(serve a model with a single output)")
         self.module, self.policy = module, policy
         self.batch = module.input_shape[0]
         self.sample_shape = tuple(module.input_shape[1:])
