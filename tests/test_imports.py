@@ -32,7 +32,8 @@ SOURCES = {ROOT / "python" / PACKAGE: PACKAGE, ROOT / "schedules": f"{PACKAGE}.s
            ROOT / "target": f"{PACKAGE}.target"}
 
 # the tools on top: they may import anything below them
-TOP = {f"{PACKAGE}.{m}" for m in ("api", "cli", "demo", "bench", "eval", "tune", "finetune")}
+TOP = {f"{PACKAGE}.{m}" for m in ("api", "cli", "demo", "bench", "eval", "tune", "finetune",
+                                   "usermodel")}
 TOP.add(PACKAGE)  # the package's __init__ re-exports the public API
 
 # (who, what it must not import, why): prefixes of dotted module names

@@ -51,14 +51,10 @@ def _predict(fn, xs, batch: int):
     """Argmax of ``fn`` over ``xs`` in batches of ``batch`` (the last one zero-padded)."""
     import numpy as np
 
-    out = []
-    for i in range(0, len(xs), batch):
-        xb = xs[i : i + batch]
-        n = len(xb)
-        if n < batch:
-            xb = np.concatenate([xb, np.zeros((batch - n, *xs.shape[1:]), xs.dtype)])
-        out.append(np.asarray(fn(np.ascontiguousarray(xb))).argmax(1)[:n])
-    return np.concatenate(out)
+    from .eval import predict_runner
+
+    return predict_runner(lambda xb: np.asarray(fn(np.ascontiguousarray(xb))), xs,
+                          batch).argmax(1)
 
 
 def _onnxruntime_int8(model, calib, tmp: Path):
