@@ -7,7 +7,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from flexiq_tvm.runtime.policy import AdaptivePolicy, Policy, StaticPolicy
+from flexiq_tvm.runtime.policy import AdaptivePolicy, Policy, StaticPolicy, pareto_ratios
 
 PROFILE = {"0": 2.0, "0.25": 1.7, "0.5": 1.4, "0.75": 1.2, "1": 1.0}  # ms per request
 
@@ -70,3 +70,15 @@ def test_bad_parameters_are_refused():
         AdaptivePolicy(PROFILE, slo_ms=5, headroom=0.5, relax=0.8)
     with pytest.raises(ValueError, match="profile"):
         AdaptivePolicy({}, slo_ms=5)
+
+
+def test_only_ratios_on_the_pareto_front_are_served():
+    # 0.25 is slower than 0 and 0.75 no faster than 0.5 (as 4-bit can be on a VNNI CPU)
+    profile = {"0": 2.0, "0.25": 2.1, "0.5": 1.4, "0.75": 1.39, "1": 1.0}
+    assert pareto_ratios(profile) == [0.0, 0.5, 1.0]
+    assert pareto_ratios(profile, min_gain=0.0) == [0.0, 0.5, 0.75, 1.0]
+    assert pareto_ratios({"0": 1.0, "1": 0.99}) == [0.0]  # 1 % is not worth 4-bit
+    p = AdaptivePolicy(profile, slo_ms=10.0, headroom=1.0, relax=1.0, patience=1)
+    assert p.ratios == [0.0, 0.5, 1.0] and p.skipped == [0.25, 0.75]
+    chosen = {p.choose(q) for q in (0, 3, 4, 5, 6, 7, 8, 20, 6, 4, 3, 1, 0)}
+    assert chosen <= {0.0, 0.5, 1.0} and {0.5, 1.0} <= chosen

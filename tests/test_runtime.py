@@ -224,3 +224,13 @@ def test_export_and_load_are_quiet_and_a_loaded_artifact_exports_again(compiled,
     m2 = flexiq_tvm.load(again, key=KEY)
     for r in (0.0, 1.0):
         np.testing.assert_array_equal(m2(xs[:1], ratio=r), cm(xs[:1], ratio=r))
+
+
+def test_the_artifact_marks_the_ratios_that_pay(signed):
+    from flexiq_tvm.runtime.policy import pareto_ratios
+
+    m = flexiq_tvm.load(signed, key=KEY)
+    profile = m.metadata["profile_ms"]
+    assert set(profile) == {"0", "0.5", "1"}
+    want = [f"{r:g}" for r in pareto_ratios(profile)]
+    assert m.metadata["ratios_that_pay"] == want and want[0] == "0"

@@ -265,8 +265,11 @@ def cmd_serve(args) -> int:
               "max_json": None if args.max_json_mb is None else int(args.max_json_mb * mib)}
     srv = InferenceServer(mod, policy, host=args.host, port=args.port,
                           max_queue=args.max_queue, threads=args.threads, **limits).start()
-    print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, "
-          f"{'static ' + str(args.ratio) if args.ratio is not None else 'adaptive'}); "
+    how = f"static {args.ratio:g}" if args.ratio is not None else (
+        f"adaptive over {[f'{r:g}' for r in policy.ratios]}" + (
+            f"; {[f'{r:g}' for r in policy.skipped]} skipped: not 3 % faster than a more "
+            "accurate ratio here" if policy.skipped else ""))
+    print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, {how}); "
           "Ctrl-C stops", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: done.set())

@@ -145,8 +145,11 @@ def run(module, accuracy: dict, duration_s: float = 30.0, slo_ms: float | None =
                      "base_x_int8": base, "burst_x_int8": burst, "burst_frac": burst_frac,
                      "requests": len(arrivals)},
            "configs": [], "timelines": {}}
+    adaptive = AdaptivePolicy(profile, slo_ms)
+    doc["adaptive_ratios"] = adaptive.ratios  # the Pareto front it serves
+    doc["adaptive_skipped"] = adaptive.skipped
     for name, policy in (("static-0", StaticPolicy(0.0)), ("static-1", StaticPolicy(fastest)),
-                         ("adaptive", AdaptivePolicy(profile, slo_ms))):
+                         ("adaptive", adaptive)):
         reqs, gen = _replay(module, policy, arrivals, x, threads)
         s = _summary(name, reqs, slo_ms, duration_s, accuracy)
         s["generator_cpu_share"] = gen["cpu_s"] / max(gen["wall_s"], 1e-9)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..plan import variant_name
 from .artifact import library_bytes, load_library, read_verified, write
+from .policy import pareto_ratios
 
 
 def median_ms(fn, repeat: int, warmup: int = 3) -> float:
@@ -219,6 +220,9 @@ class FlexiQModule:
         meta["profile_ms"] = profile
         if accuracy is not None:
             meta["accuracy"] = {f"{float(k):g}": v for k, v in accuracy.items()}
+        if profile:  # which ratios pay on the machine that measured the profile
+            front = pareto_ratios(profile)
+            meta["ratios_that_pay"] = [f"{r:g}" for r in front]
         payload = self._library if self._library is not None else library_bytes(self.exportable)
         return write(path, payload, ratios=self._ratios, input_shape=self.input_shape,
                      input_dtype=self.input_dtype, metadata=meta, key=key)
