@@ -236,13 +236,27 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     with torch.no_grad():
         ref_logits = outputs(x_search)
 
+    bar = None
+    if progress and cfg.selection in ("greedy", "evolutionary"):
+        from tqdm import tqdm
+
+        # candidates measured so far (a count: how many the search takes depends on the model)
+        bar = tqdm(desc=f"select ({cfg.selection})", unit=" candidates", disable=None,
+                   leave=False)
+
     def distance(sets: dict[str, np.ndarray]) -> float:
         fq.set_masks(sets)
+        if bar is not None:
+            bar.update()
         with torch.no_grad():
             return float(((outputs(x_search) - ref_logits) ** 2).mean())
 
     selector = Selector(infos, distance, cfg, cache)
-    chosen = selector.run()
+    try:
+        chosen = selector.run()
+    finally:
+        if bar is not None:
+            bar.close()
     for lp in layers:
         order, counts = chosen[lp.name]
         lp.order = order
