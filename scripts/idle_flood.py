@@ -3,9 +3,10 @@
     .venv/bin/python scripts/idle_flood.py [--idle 2000] [--rate 200] [--seconds 8] [--json F]
 
 Compiles ResNet-20 (ratios 0 and 1), exports it, starts the CLI server (static ratio 0,
-``--max-connections`` = the idle connections + the 10 legitimate ones) and runs three phases
-of the same open-loop Poisson traffic (binary bodies over 8 keep-alive connections, latency
-counted from each request's scheduled time) with a /healthz probe every 50 ms:
+``--max-connections`` = the idle connections + 10 for the legitimate clients) and runs three
+phases of the same open-loop Poisson traffic (the project's load generator,
+``flexiq_tvm.runtime.loadgen``, in a process of its own: binary bodies over keep-alive
+connections it opens as it needs them) with a /healthz probe every 50 ms:
 
 1. ``baseline``: the traffic alone;
 2. ``idle``: with ``--idle`` idle connections held (the server then at its connection limit);
@@ -23,7 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import queue
 import resource
 import socket
 import subprocess
@@ -41,49 +41,6 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _traffic(addr, body: bytes, rate: float, seconds: float, conns: int, seed: int):
-    """Open-loop Poisson arrivals served by ``conns`` keep-alive clients: per request
-    (status or None, latency in ms from its scheduled time)."""
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter() + 0.05
-    arrivals = t0 + np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.5)))
-    arrivals = arrivals[arrivals < t0 + seconds]
-    todo: queue.Queue = queue.Queue()
-    for t in arrivals:
-        todo.put(float(t))
-    out: list = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        c = http.client.HTTPConnection(*addr, timeout=10)
-        while True:
-            try:
-                t = todo.get_nowait()
-            except queue.Empty:
-                break
-            wait = t - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            try:
-                c.request("POST", "/v1/infer", body, {"Content-Type": "application/octet-stream",
-                                                      "Accept": "application/octet-stream"})
-                r = c.getresponse()
-                r.read()
-                got = (r.status, 1e3 * (time.perf_counter() - t))
-            except (OSError, http.client.HTTPException):
-                c.close()
-                c = http.client.HTTPConnection(*addr, timeout=10)
-                got = (None, 1e3 * (time.perf_counter() - t))
-            with lock:
-                out.append(got)
-        c.close()
-
-    threads = [threading.Thread(target=client) for _ in range(conns)]
-    for t in threads:
-        t.start()
-    return threads, out
 
 
 def _probe(addr, stop: threading.Event, out: list) -> None:
@@ -135,6 +92,8 @@ def main() -> int:
 
     import flexiq_tvm
     from flexiq_tvm import FlexiQConfig
+    from flexiq_tvm.runtime.loadgen import run_in_subprocess
+    from flexiq_tvm.runtime.loadtest import bursty_trace
     from flexiq_tvm.zoo import data, registry
 
     model = registry.get_model("resnet20_fmnist")
@@ -144,8 +103,8 @@ def main() -> int:
     art = tmp / "resnet20.flexiq"
     flexiq_tvm.compile(model, xs, data.fmnist_calibration(64), config=cfg).export(art)
 
-    legit = 8 + 1 + 1  # traffic connections, the probe and the metrics reader: with the idle
-    # ones, exactly the limit, so that in the flood phase every new connection is refused
+    legit = 8 + 1 + 1  # the generator's connections (at most 8 at this rate), the probe and
+    # the metrics reader: with the idle ones about the limit, so that the flood is refused
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -155,7 +114,8 @@ def main() -> int:
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     srv.stdout.readline()  # "serving ... on ..."
     addr = ("127.0.0.1", port)
-    body = xs[0].tobytes()
+    url = f"http://127.0.0.1:{port}"
+    arrivals, _ = bursty_trace(args.seconds, args.rate, args.rate, 0.0, seed=1)  # constant
     meter = http.client.HTTPConnection(*addr, timeout=10)  # /metrics, between phases
 
     def metrics() -> dict:
@@ -179,10 +139,8 @@ def main() -> int:
             child = None
             if phase == "flood":
                 child = subprocess.Popen([sys.executable, __file__, "--flood-child", *map(
-                    str, addr), str(args.seconds)], stdout=subprocess.PIPE, text=True)
-            clients, reqs = _traffic(addr, body, args.rate, args.seconds, 8, seed=1)
-            for t in clients:
-                t.join()
+                    str, addr), str(args.seconds + 1)], stdout=subprocess.PIPE, text=True)
+            reqs = run_in_subprocess(url, arrivals, xs[0])["requests"]
             if child is not None:
                 flood = json.loads(child.communicate(timeout=60)[0])
             m = metrics()
@@ -191,7 +149,7 @@ def main() -> int:
                 t.join()
             log.seek(log_at)
             lines = [ln for ln in log.read().splitlines() if ln.strip()]
-            ok = [ms for code, ms in reqs if code == 200]
+            ok = [r[1] for r in reqs if r and r[2] == 200]
             row = {"phase": phase, "requests": len(reqs),
                    "ok_pct": 100.0 * len(ok) / max(1, len(reqs)),
                    "p50_ms": float(np.percentile(ok, 50)), "p99_ms": float(np.percentile(ok, 99)),

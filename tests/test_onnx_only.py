@@ -16,6 +16,7 @@ from torch import nn
 import flexiq_tvm
 from flexiq_tvm import FlexiQConfig, frontend, onnx_torch
 from flexiq_tvm.api import oracle_mismatches
+from flexiq_tvm.usermodel import sqnr_db
 
 
 def _bn(c):
@@ -149,10 +150,6 @@ def _data(seed=0):
     return g.standard_normal((96, 3, 16, 16)).astype(np.float32)
 
 
-def _sqnr(ref, y):
-    return 10 * np.log10(float((ref ** 2).sum()) / float(((y - ref) ** 2).sum()))
-
-
 # the dynamo exporter's files of five architectures run under `make test-slow` (about 30 s):
 # the default run keeps the fire net (reshapes, concat, max pools, the Gemm head)
 _FAST_DYNAMO = {"fire"}
@@ -177,7 +174,7 @@ def test_compiles_from_the_onnx_file_alone(arch, exporter, tmp_path):
         assert oracle_mismatches(cm, x[:1], r) == [], (arch, r)
     ref = sess.run(None, {"image": x[:8]})[0]
     y = np.concatenate([cm(x[i : i + 1], ratio=0.0) for i in range(8)])
-    assert _sqnr(ref, y) >= 25.0, _sqnr(ref, y)
+    assert sqnr_db(ref, y) >= 25.0, sqnr_db(ref, y)
     assert cm.plan.mac_fraction(1.0) > 0.5 > cm.plan.mac_fraction(0.0) == 0.0
 
 
@@ -256,7 +253,7 @@ def test_compiles_from_a_saved_torch_export_program_alone(tmp_path):
         ref = np.concatenate([program(torch.from_numpy(x[i : i + 1])).numpy()
                               for i in range(8)])
     y = np.concatenate([cm(x[i : i + 1], ratio=0.0) for i in range(8)])
-    assert _sqnr(ref, y) >= 25.0, _sqnr(ref, y)
+    assert sqnr_db(ref, y) >= 25.0, sqnr_db(ref, y)
 
 
 def test_a_plan_that_does_not_fit_the_graph_is_a_warning_naming_the_layers(tmp_path, caplog):
@@ -304,7 +301,7 @@ def test_a_graph_with_several_outputs_returns_them_all(tmp_path):
     ref = sess.run(None, {"image": x[:1]})
     got = cm(x[:1], ratio=0.0)
     assert [g.shape for g in got] == [(1, 10), (1, 4)]
-    assert all(_sqnr(r, g) >= 25.0 for r, g in zip(ref, got, strict=True))
+    assert all(sqnr_db(r, g) >= 25.0 for r, g in zip(ref, got, strict=True))
     for r in (0.0, 1.0):
         assert oracle_mismatches(cm, x[:1], r) == []
     with pytest.raises(ValueError, match="this module has 2 outputs"):

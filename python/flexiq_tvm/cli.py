@@ -157,6 +157,16 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _artifact_key(args) -> bytes | None:
+    """The HMAC key of ``--key-file`` (or ``FLEXIQ_ARTIFACT_KEY``): what compile signs
+    artifacts with and serve requires of them."""
+    if args.key_file:
+        with open(args.key_file, "rb") as f:
+            return f.read().strip()
+    env = os.environ.get("FLEXIQ_ARTIFACT_KEY")
+    return env.encode() if env else None
+
+
 def _compile_to_artifact(name: str, args) -> int:
     """``compile MODEL --calib DATA --out model.flexiq``: a file (or zoo model) to an
     artifact, with a summary table (flexiq_tvm.usermodel)."""
@@ -167,7 +177,6 @@ def _compile_to_artifact(name: str, args) -> int:
         raise ValueError("--plan, --finetuned and --via apply to zoo models measured without "
                          "--out")
     out = Path(args.out) if args.out else Path(Path(name).stem + ".flexiq")
-    usermodel.check_output(out)  # before any work
     ratios = parse_ratios(args.ratios)
     if any(not 0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"--ratios {args.ratios}: each ratio must be in [0, 1]")
@@ -182,10 +191,7 @@ def _compile_to_artifact(name: str, args) -> int:
         size = (hw[0], hw[-1])
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be at least 1")
-    key = None
-    if args.key_file:
-        with open(args.key_file, "rb") as f:
-            key = f.read().strip()
+    key = _artifact_key(args)
     mean, std = usermodel.parse_floats(args.mean, "mean"), usermodel.parse_floats(args.std, "std")
     doc = usermodel.compile_to_artifact(
         name, args.calib, out, ratios, selection=args.selection, target=_target(args),
@@ -235,20 +241,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
     import signal
     import threading
 
     from .runtime import AdaptivePolicy, StaticPolicy, load
     from .runtime.server import InferenceServer, raise_open_files_limit, worker_profile
 
-    key = None
-    if args.key_file:
-        with open(args.key_file, "rb") as f:
-            key = f.read().strip()
-    elif os.environ.get("FLEXIQ_ARTIFACT_KEY"):
-        key = os.environ["FLEXIQ_ARTIFACT_KEY"].encode()
-    mod = load(args.artifact, key=key)
+    mod = load(args.artifact, key=_artifact_key(args))
     if args.ratio is not None:
         policy = StaticPolicy(mod._checked(args.ratio))
     else:
@@ -464,7 +463,8 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                    "the center crop (default input / 0.875, torchvision's 256 for 224)")
     c.add_argument("--calib-images", type=int, default=256,
                    help="calibration samples used (default 256)")
-    c.add_argument("--key-file", help="sign the artifact with this HMAC key")
+    c.add_argument("--key-file", help="sign the artifact with this HMAC key (or set "
+                   "FLEXIQ_ARTIFACT_KEY)")
     c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")
     c.add_argument("--finetuned", action="store_true",
                    help="compile the committed finetuned model and plan (`flexiq-tvm finetune`)")

@@ -198,6 +198,16 @@ def prepare_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None):
     its layers by their weights.
     """
     proto = _load_onnx(model)
+    shapes = _static_shapes(proto, input_shapes)
+    if _has_runtime_shapes(proto):
+        log.info("ONNX graph computes shapes at run time: constant-folding it first")
+        proto = fold_onnx_constants(_with_static_inputs(proto, shapes))
+    return proto, shapes
+
+
+def _static_shapes(proto, input_shapes) -> dict[str, tuple[int, ...]]:
+    """The graph inputs' static shapes: ``input_shapes`` where given (checked against what the
+    graph declares), else the declared ones (which must then be static)."""
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if input_shapes:
@@ -222,10 +232,7 @@ def prepare_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None):
                 f"{{{inp.name!r}: (N, C, H, W)}}"
             )
         shapes[inp.name] = tuple(dims)
-    if _has_runtime_shapes(proto):
-        log.info("ONNX graph computes shapes at run time: constant-folding it first")
-        proto = fold_onnx_constants(_with_static_inputs(proto, shapes))
-    return proto, shapes
+    return shapes
 
 
 def from_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
@@ -258,8 +265,7 @@ def onnx_calibration_model(model, example_input=None):
     from .onnx_torch import to_torch
 
     proto = _load_onnx(model)
-    shapes = _example_shapes(proto, example_input)
-    prepare_onnx(proto, shapes)  # the same checks of the inputs as the compile
+    shapes = _static_shapes(proto, _example_shapes(proto, example_input))
     # folded as the compiler's graph is (onnxruntime's basic fusions, e.g. BatchNorm into
     # the conv, so the weights are the same) but with the batch axis left as the file has
     # it, so that calibration runs in batches; a batch fixed in the file runs in chunks

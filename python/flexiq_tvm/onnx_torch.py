@@ -16,6 +16,7 @@ pass of the standard ops (docs/own_model.md argues the choice).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -46,32 +47,33 @@ def _torch_dtype(onnx_type: int):
     return torch.from_numpy(np.zeros(1, np_type)).dtype
 
 
-class _PaddedConv2d:
-    """Factory for an ``nn.Conv2d`` that pads asymmetrically first (ONNX ``pads`` may differ
-    begin/end; the quantizer measures a conv's effective padding from its forward)."""
+@functools.cache
+def _padded_conv2d_class():
+    """An ``nn.Conv2d`` that pads asymmetrically first (ONNX ``pads`` may differ begin/end;
+    the quantizer measures a conv's effective padding from its forward)."""
+    import torch.nn.functional as F
+    from torch import nn
 
-    @staticmethod
-    def make(pads, **kw):
-        import torch.nn.functional as F
-        from torch import nn
+    class PaddedConv2d(nn.Conv2d):
+        def __init__(self, pads, **kw) -> None:
+            super().__init__(padding=0, **kw)
+            top, left, bottom, right = pads
+            self.pads = (left, right, top, bottom)  # F.pad's order
 
-        top, left, bottom, right = pads
+        def forward(self, x):
+            return super().forward(F.pad(x, self.pads))
 
-        class PaddedConv2d(nn.Conv2d):
-            def forward(self, x):
-                return super().forward(F.pad(x, (left, right, top, bottom)))
-
-        return PaddedConv2d(padding=0, **kw)
+    return PaddedConv2d
 
 
-def _conv_module(node, w: np.ndarray, b: np.ndarray | None, in_shape):
-    """``nn.Conv2d`` for a 2-D ONNX Conv with a constant weight (None when not 2-D)."""
+def _conv_module(node, a: dict, w: np.ndarray, b: np.ndarray | None, in_shape):
+    """``nn.Conv2d`` for a 2-D ONNX Conv (attributes ``a``) with a constant weight (None when
+    not 2-D)."""
     import torch
     from torch import nn
 
     if w.ndim != 4:
         return None
-    a = _attrs(node)
     k = tuple(w.shape[2:])
     strides = tuple(a.get("strides", (1, 1)))
     dil = tuple(a.get("dilations", (1, 1)))
@@ -97,7 +99,7 @@ def _conv_module(node, w: np.ndarray, b: np.ndarray | None, in_shape):
     if pads[0] == pads[2] and pads[1] == pads[3]:
         m = nn.Conv2d(padding=(pads[0], pads[1]), **kw)
     else:
-        m = _PaddedConv2d.make(pads, **kw)
+        m = _padded_conv2d_class()(pads, **kw)
     with torch.no_grad():
         m.weight.copy_(torch.from_numpy(np.array(w, np.float32)))
         if b is not None:
@@ -179,12 +181,12 @@ def _slice(x, ins):
     return x[tuple(idx)]
 
 
-def _run_node(node, ins, a):
+@functools.cache
+def _elementwise() -> tuple[dict, dict]:
+    """The ONNX ops that are one torch function of one or two tensors (built once)."""
     import torch
     import torch.nn.functional as F
 
-    op = node.op_type
-    x = ins[0] if ins else None
     unary = {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
              "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs,
              "Erf": torch.erf, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
@@ -194,6 +196,16 @@ def _run_node(node, ins, a):
               "Equal": torch.eq, "Greater": torch.gt, "Less": torch.lt,
               "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le, "And": torch.logical_and,
               "Or": torch.logical_or, "MatMul": torch.matmul}
+    return unary, binary
+
+
+def _run_node(node, ins, a):
+    import torch
+    import torch.nn.functional as F
+
+    op = node.op_type
+    x = ins[0] if ins else None
+    unary, binary = _elementwise()
     if op in unary:
         return unary[op](x)
     if op in binary:
@@ -353,27 +365,33 @@ def _tensor(proto_tensor):
     return torch.from_numpy(np.array(arr))
 
 
-_SUPPORTED = {
-    "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Neg", "Abs", "Erf", "Reciprocal", "Floor",
-    "Ceil", "Softplus", "Not", "Sign", "Round", "Add", "Sub", "Mul", "Div", "Pow", "Equal",
-    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "MatMul", "Identity",
-    "Dropout", "LeakyRelu", "Elu", "HardSigmoid", "HardSwish", "Gelu", "Clip", "Softmax",
-    "LogSoftmax", "Min", "Max", "Sum", "Mean", "Where", "BatchNormalization",
-    "LayerNormalization", "InstanceNormalization", "GlobalAveragePool", "GlobalMaxPool",
-    "MaxPool", "AveragePool", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice",
-    "Squeeze", "Unsqueeze", "Gather", "Shape", "Cast", "ConstantOfShape", "Expand", "Range",
-    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Pad", "Gemm", "Conv", "Constant"}
+# the ops _run_node handles in a branch of their own (beside the element-wise tables)
+_OTHER_OPS = frozenset({
+    "Div", "Identity", "Dropout", "LeakyRelu", "Elu", "HardSigmoid", "HardSwish", "Gelu",
+    "Clip", "Softmax", "LogSoftmax", "Min", "Max", "Sum", "Mean", "Where",
+    "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GlobalAveragePool",
+    "GlobalMaxPool", "MaxPool", "AveragePool", "Flatten", "Reshape", "Transpose", "Concat",
+    "Split", "Slice", "Squeeze", "Unsqueeze", "Gather", "Shape", "Cast", "ConstantOfShape",
+    "Expand", "Range", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Pad", "Gemm",
+    "Conv", "Constant"})
+
+
+def supported_ops() -> frozenset[str]:
+    """Every ONNX op this converter runs."""
+    unary, binary = _elementwise()
+    return _OTHER_OPS | unary.keys() | binary.keys()
 
 
 def check_supported(proto) -> None:
     """Refuse, with the first offending node named, a graph this converter cannot run: a node
     of a custom domain, or an op it does not know."""
+    supported = supported_ops()
     for i, node in enumerate(proto.graph.node):
         if node.domain not in _STANDARD_DOMAINS:
             raise UnsupportedONNX(f"node {node.name or i!r}: op {node.op_type} of the custom "
                                   f"domain {node.domain!r} is not supported (only standard "
                                   "ONNX ops)")
-        if node.op_type not in _SUPPORTED:
+        if node.op_type not in supported:
             raise UnsupportedONNX(f"node {node.name or i!r}: ONNX op {node.op_type} is not "
                                   "supported")
 
@@ -426,7 +444,8 @@ def to_torch(proto, input_shapes: dict[str, tuple[int, ...]] | None = None,
             for i, node in enumerate(proto.graph.node):
                 if node.op_type == "Constant":
                     continue
-                m = self._module_for(node, i)
+                a = _attrs(node)
+                m = self._module_for(node, a)
                 key = None
                 if m is not None:
                     key = _name(node, i)
@@ -434,18 +453,17 @@ def to_torch(proto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                         key += "_"
                     used.add(key)
                     self.layers[key] = m
-                self.plan.append((node, key, _attrs(node)))
+                self.plan.append((node, key, a))
 
         @staticmethod
-        def _module_for(node, i):
+        def _module_for(node, a):
             ins = list(node.input)
             if node.op_type == "Conv" and len(ins) > 1 and ins[1] in init:
                 b = init.get(ins[2]) if len(ins) > 2 and ins[2] else None
                 if len(ins) > 2 and ins[2] and b is None:
                     return None
-                return _conv_module(node, init[ins[1]], b, shapes.get(ins[0]))
+                return _conv_module(node, a, init[ins[1]], b, shapes.get(ins[0]))
             if node.op_type == "Gemm" and len(ins) > 1 and ins[1] in init:
-                a = _attrs(node)
                 w = init[ins[1]]
                 if (a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or w.ndim != 2
                         or a.get("beta", 1.0) != 1.0):

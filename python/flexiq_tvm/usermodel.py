@@ -209,8 +209,8 @@ def _images(folder: Path, shape, limit, mean, std, resize) -> np.ndarray:
 
 
 def _fp32_reference(kind: str, model, x: np.ndarray) -> np.ndarray:
-    """The FP32 outputs of the source model (onnxruntime for ONNX, torch for .pt2), one
-    example-shaped batch at a time."""
+    """The FP32 outputs of the source model (onnxruntime for ONNX, torch for a .pt2 program
+    or a zoo module), one sample at a time, flattened side by side (:func:`_flat`)."""
     if kind == "onnx":
         import onnxruntime as ort
 
@@ -223,9 +223,9 @@ def _fp32_reference(kind: str, model, x: np.ndarray) -> np.ndarray:
                                for i in range(len(x))])
     import torch
 
-    gm = model.module()
+    fn = model.module() if kind == "pt2" else model.eval()
     with torch.no_grad():
-        return np.concatenate([_flat(gm(torch.from_numpy(x[i : i + 1])))
+        return np.concatenate([_flat(fn(torch.from_numpy(x[i : i + 1])))
                                for i in range(len(x))])
 
 
@@ -255,13 +255,11 @@ def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "
     cfg = FlexiQConfig(ratios=tuple(ratios), selection=selection, calib_images=calib_images)
     t_start = time.perf_counter()
     if source in registry.MODELS:
+        from .eval import load_calibration as zoo_calibration
+
         model = registry.get_model(source)
         kind, src = "zoo", model
-        from .eval import load_calibration as zoo_calibration
-        from .eval import load_eval_data
-
-        example = load_eval_data(source, 1)[1][:1]
-        shape = (batch, *example.shape[1:])
+        shape = (batch, *registry.spec(source).input_shape)
         data = (load_calibration(calib, shape[1:], calib_images, mean, std, resize) if calib
                 else zoo_calibration(source, calib_images))
     else:
@@ -285,21 +283,15 @@ def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "
                             progress=progress)
     t_compile = time.perf_counter() - t_start
     check = data[: min(16, len(data))]
-    if kind == "zoo":
-        import torch
-
-        with torch.no_grad():
-            ref = np.concatenate([_flat(model.eval()(torch.from_numpy(check[i : i + 1])))
-                                  for i in range(len(check))])
-    else:
-        ref = _fp32_reference(kind, src, check) if shape[0] == 1 else None
+    # the module runs one sample at a time only when compiled for batch 1
+    ref = _fp32_reference(kind, src, check) if shape[0] == 1 else None
     cm.export(out, key=key)
     rows = []
-    kept = [k for k in cm.report.kept_fp32]
+    kept = list(cm.report.kept_fp32)
     for r in cm.ratios:
         row = {"ratio": r, "mac_4bit": cm.plan.mac_fraction(r, eligible_only=False),
                "covered": len(cm.report.covered), "fp32_ops": len(kept)}
-        if ref is not None and shape[0] == 1:
+        if ref is not None:
             y = np.concatenate([_flat(cm(check[i : i + 1], ratio=r))
                                 for i in range(len(check))])
             row["sqnr_db"] = sqnr_db(ref, y)

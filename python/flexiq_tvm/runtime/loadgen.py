@@ -78,6 +78,23 @@ def run(url: str, arrivals: list[float], sample: np.ndarray, timeout: float = 10
     return {"requests": results, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime}
 
 
+def run_in_subprocess(url: str, arrivals: list[float], sample: np.ndarray) -> dict:
+    """:func:`run` in a process of its own (``python -m flexiq_tvm.runtime.loadgen``), so that
+    the generator does not share a GIL with the caller: its document (``requests``,
+    ``wall_s``, ``cpu_s``)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace, out = Path(tmp) / "trace.json", Path(tmp) / "out.json"
+        trace.write_text(json.dumps({"arrivals": list(arrivals), "input": sample.tolist(),
+                                     "dtype": str(sample.dtype)}))
+        subprocess.run([sys.executable, "-m", "flexiq_tvm.runtime.loadgen", url, str(trace),
+                        str(out)], check=True, timeout=max(arrivals, default=0) + 120)
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     url, trace_path, out_path = (argv or sys.argv[1:])[:3]
     with open(trace_path) as f:

@@ -19,15 +19,11 @@ JSON keys (DESIGN.md): ``{"slo_ms", "configs": [{"name", "p50_ms", "p99_ms",
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from .loadgen import run_in_subprocess
 from .policy import AdaptivePolicy, StaticPolicy
 from .server import InferenceServer, worker_profile, worker_threads
 
@@ -70,14 +66,8 @@ def default_burst(capacity: dict) -> float:
 
 def _replay(module, policy, arrivals, x, threads=None, timeout_s=5.0) -> tuple[list, dict]:
     with InferenceServer(module, policy, max_queue=1024, timeout_s=timeout_s,
-                         threads=threads) as srv, tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        out = Path(tmp) / "out.json"
-        trace.write_text(json.dumps({"arrivals": list(arrivals), "input": x.tolist(),
-                                     "dtype": str(x.dtype)}))
-        subprocess.run([sys.executable, "-m", "flexiq_tvm.runtime.loadgen", srv.url,
-                        str(trace), str(out)], check=True, timeout=max(arrivals, default=0) + 120)
-        doc = json.loads(out.read_text())
+                         threads=threads) as srv:
+        doc = run_in_subprocess(srv.url, arrivals, x)
     return doc["requests"], {"wall_s": doc["wall_s"], "cpu_s": doc["cpu_s"]}
 
 

@@ -230,9 +230,8 @@ class InferenceServer:
         self._stop = threading.Event()
         self._t0 = time.perf_counter()
         self._throttled = _Throttled()
-        self.backlog = int(backlog)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=self.backlog)
+        self._sock = socket.create_server((host, port), family=family, backlog=int(backlog))
         self._address = self._sock.getsockname()[:2]
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(self._loop_error)
@@ -433,14 +432,18 @@ class InferenceServer:
                         "event loop: %s%s", context.get("message", "error"),
                         f": {exc!r}" if exc is not None else "")
 
-    def _timed_out_once(self) -> None:
+    def _count_timeout(self) -> None:
         with self._lock:
             self._timed_out += 1
 
     # ------------------------------------------------------------------ accepting
+    def _has_room(self) -> bool:
+        """Whether another connection may be accepted: served or being refused, at most
+        ``max_connections`` + :data:`_REFUSE_SLOTS` sockets are open."""
+        return self._open + self._refusing < self.max_connections + _REFUSE_SLOTS
+
     def _resume_accept(self) -> None:
-        if (not self._accepting and not self._stop.is_set()
-                and self._open + self._refusing < self.max_connections + _REFUSE_SLOTS):
+        if not self._accepting and not self._stop.is_set() and self._has_room():
             self._loop.add_reader(self._sock.fileno(), self._accept)
             self._accepting = True
 
@@ -454,7 +457,7 @@ class InferenceServer:
         counted at once as served (under ``max_connections``) or refused (503); once the
         refusals in progress fill their slots too, stop accepting until one closes."""
         for _ in range(32):  # a few per wake-up: the loop serves the open connections too
-            if self._open + self._refusing >= self.max_connections + _REFUSE_SLOTS:
+            if not self._has_room():
                 self._pause_accept()
                 return
             try:
@@ -553,14 +556,14 @@ class InferenceServer:
         try:
             first = await asyncio.wait_for(reader.readexactly(1), self.idle_timeout)
         except asyncio.TimeoutError:
-            self._timed_out_once()
+            self._count_timeout()
             return None
         except asyncio.IncompleteReadError:
             return None
         try:
             rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
         except asyncio.TimeoutError:
-            self._timed_out_once()
+            self._count_timeout()
             await self._send(writer, 408, {"error": "request head not complete within "
                                                     f"{self.header_timeout:g} s"}, close=True)
             return None
@@ -624,7 +627,7 @@ class InferenceServer:
             try:
                 body = await asyncio.wait_for(reader.readexactly(n), self.body_timeout)
             except asyncio.TimeoutError:
-                self._timed_out_once()
+                self._count_timeout()
                 return await self._send(writer, 408, {
                     "error": f"body of {n} bytes not received within {self.body_timeout:g} s"},
                     close=True)
