@@ -55,7 +55,8 @@ def files(tmp_path_factory):
 def test_compile_an_onnx_file_then_serve_it_from_the_shell(files, tmp_path):
     out = tmp_path / "m.flexiq"
     r = subprocess.run([*CLI, "compile", str(files / "fire.onnx"), "--calib",
-                        str(files / "imgs"), "--ratios", "0,0.5,1", "--out", str(out)],
+                        str(files / "imgs"), "--ratios", "0,0.5,1", "--out", str(out),
+                        "--reconstruct"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -94,3 +94,29 @@ def test_api_errors(plans):
     with pytest.raises(ValueError, match="plan"):
         flexiq_tvm.compile(b"not onnx", xs[:1])
     assert cm.report.weight_bytes["int8"] == sum(lp.w_codes.size for lp in plan.layers)
+
+
+def _reconstructed(name: str, calib_images: int):
+    from flexiq_tvm.eval import zoo_plan
+    from flexiq_tvm.zoo import registry
+
+    model = registry.get_model(name)
+    cfg = FlexiQConfig(ratios=(0, 0.5, 1), selection="static", calib_images=calib_images,
+                       reconstruct=True)
+    return model, zoo_plan(name, model, cfg)
+
+
+@pytest.mark.parametrize("name,n_calib", [
+    ("resnet20_fmnist", 64),
+    pytest.param("efficientnet_lite0_imagenet", 27, marks=pytest.mark.slow)])
+def test_reconstructed_codes_are_bit_exact(name, n_calib):
+    """Codes learned by the nested GPTQ (issue 22) go through the compiler unchanged: every
+    covered layer bit-exact with the oracle at ratios 0, 0.5 and 1."""
+    model, plan = _reconstructed(name, n_calib)
+    assert "reconstruction_seconds" in plan.metrics
+    _, xs, _ = load_eval_data(name, 2)
+    cm = flexiq_tvm.compile(model, xs[:1], plan=plan, expose_layers=True,
+                            config=FlexiQConfig(ratios=(0, 0.5, 1)))
+    assert cm.ratios == (0.0, 0.5, 1.0)
+    for r in cm.ratios:
+        assert oracle_mismatches(cm, xs[1:2], r) == [], (name, r)

@@ -43,11 +43,13 @@ def tiny():
     return model, calib
 
 
-@pytest.mark.parametrize("selection", ["static", "random", "greedy", "evolutionary"])
+@pytest.mark.parametrize("selection", ["static", "random", "greedy", "evolutionary",
+                                       "static+reconstruct"])
 def test_fakequant_equals_oracle_on_integer_tensors(tiny, selection):
     model, calib = tiny
+    selection, _, rec = selection.partition("+")
     cfg = FlexiQConfig(selection=selection, calib_images=48, search_images=16,
-                       population=4, generations=2)
+                       population=4, generations=2, reconstruct=bool(rec))
     plan = quantize(model, calib, cfg, "tiny", progress=False)
     assert [lp.name for lp in plan.layers] == ["stem", "dw", "grouped", "pw", "fc1", "fc2",
                                                "head"]

@@ -47,6 +47,8 @@ def _search_overrides(args) -> dict:
     out = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if getattr(args, "depthwise_8bit", False):
         out["depthwise_low"] = False
+    if getattr(args, "reconstruct", False):
+        out["reconstruct"] = True
     return out
 
 
@@ -62,6 +64,9 @@ def _add_search_args(p) -> None:
                    help="points per layer sensitivity curve (default 8)")
     p.add_argument("--depthwise-8bit", action="store_true",
                    help="keep depthwise convs 8-bit (the ratio then counts the other layers)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="learn the weight codes by nested GPTQ on the calibration images "
+                        "(instead of nearest rounding)")
 
 
 def cmd_quantize(args) -> int:
@@ -196,7 +201,8 @@ def _compile_to_artifact(name: str, args) -> int:
     doc = usermodel.compile_to_artifact(
         name, args.calib, out, ratios, selection=args.selection, target=_target(args),
         batch=args.batch, input_size=size, mean=mean, std=std, resize=args.resize,
-        calib_images=args.calib_images, key=key, progress=sys.stderr.isatty())
+        calib_images=args.calib_images, key=key, progress=sys.stderr.isatty(),
+        reconstruct=args.reconstruct)
     usermodel.print_summary(doc)
     _write_json(doc, args.json)
     return 0
@@ -463,6 +469,9 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                    "the center crop (default input / 0.875, torchvision's 256 for 224)")
     c.add_argument("--calib-images", type=int, default=256,
                    help="calibration samples used (default 256)")
+    c.add_argument("--reconstruct", action="store_true",
+                   help="learn the weight codes by nested GPTQ on the calibration samples "
+                        "(better 4-bit accuracy; docs/quantization.md)")
     c.add_argument("--key-file", help="sign the artifact with this HMAC key (or set "
                    "FLEXIQ_ARTIFACT_KEY)")
     c.add_argument("--plan", metavar="PATH", help="QuantPlan from `flexiq-tvm quantize`")

@@ -43,6 +43,9 @@ class FlexiQConfig:
     sensitivity_steps
         Points of each layer's measured sensitivity curve (greedy/evolutionary): the distance
         with 1/steps, 2/steps, ... of its channels lowered.
+    reconstruct
+        Learn the weight codes of the 4-bit-eligible layers by nested GPTQ on the calibration
+        images (:mod:`flexiq_tvm.reconstruct`) instead of rounding each to its nearest code.
     """
 
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -57,6 +60,7 @@ class FlexiQConfig:
     population: int = 12
     generations: int = 16
     sensitivity_steps: int = 8
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.ratios, str | bytes) or not hasattr(self.ratios, "__iter__"):
@@ -66,7 +70,7 @@ class FlexiQConfig:
             ratios = tuple(float(r) for r in self.ratios)
         except (TypeError, ValueError):
             raise TypeError(f"ratios={self.ratios!r}: each must be a number") from None
-        for name in ("keep_first_8bit", "keep_last_8bit", "depthwise_low"):
+        for name in ("keep_first_8bit", "keep_last_8bit", "depthwise_low", "reconstruct"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r}: must be True or False")
         for name in ("calib_images", "search_images", "seed", "population", "generations",

@@ -216,6 +216,11 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     if not layers:
         raise ValueError(f"no layer can be quantized: {skipped}")
     t_calib = time.time() - t0
+    recon = None
+    if cfg.reconstruct:
+        from .reconstruct import reconstruct
+
+        recon = reconstruct(model, layers, calib, images=cfg.calib_images, progress=progress)
     infos = []
     for lp in layers:
         proxy, rng_score = _proxy_and_range(lp, stats[lp.name])
@@ -273,6 +278,8 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         "channel_fraction": {ratio_key(r): plan.channel_fraction(r) for r in cfg.ratios},
         "kept_fp32": skipped,
     }
+    if recon is not None:
+        plan.metrics["reconstruction_seconds"] = recon["seconds"]
     log.info("quantize %s: %d layers (%d eligible), calibration %.1f s, selection %.1f s",
              model_name, len(layers), sum(lp.eligible for lp in layers), t_calib,
              selector.seconds)

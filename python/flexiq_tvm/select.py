@@ -130,7 +130,8 @@ class Selector:
 
     def _sensitivity(self) -> dict[str, np.ndarray]:
         """Distance with 0, 1/S, ..., S/S of each layer's channels lowered (proxy order)."""
-        key = ("sensitivity", self.steps, tuple(i.name for i in self.infos))
+        key = ("sensitivity", self.steps, tuple(i.name for i in self.infos),
+               getattr(self.cfg, "reconstruct", False), getattr(self.cfg, "extraction", None))
         if key in self.cache:
             self.sensitivity_cached = True
             return self.cache[key]

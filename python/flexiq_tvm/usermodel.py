@@ -243,7 +243,7 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
 def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "static",
                         target="llvm", batch: int = 1, input_size=None, mean=None, std=None,
                         resize=None, calib_images: int = 256, key: bytes | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, reconstruct: bool = False) -> dict:
     """Compile ``source`` (``.onnx`` / ``.pt2`` path or zoo name) with calibration data
     ``calib`` and write the artifact ``out``. Returns the summary (rows per ratio, times)."""
     import flexiq_tvm
@@ -252,7 +252,8 @@ def compile_to_artifact(source: str, calib: str, out, ratios, selection: str = "
     from .zoo import registry
 
     out = check_output(out)
-    cfg = FlexiQConfig(ratios=tuple(ratios), selection=selection, calib_images=calib_images)
+    cfg = FlexiQConfig(ratios=tuple(ratios), selection=selection, calib_images=calib_images,
+                       reconstruct=reconstruct)
     t_start = time.perf_counter()
     if source in registry.MODELS:
         from .eval import load_calibration as zoo_calibration
