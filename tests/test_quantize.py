@@ -149,6 +149,12 @@ def test_config_validation():
         FlexiQConfig(selection="best")
     with pytest.raises(ValueError, match="calib_images=0"):
         FlexiQConfig(calib_images=0)
+    with pytest.raises(TypeError, match="reconstruct='yes'"):
+        FlexiQConfig(reconstruct="yes")
+    with pytest.raises(ValueError, match="reconstruct_alpha=-1"):
+        FlexiQConfig(reconstruct_alpha=-1)
+    with pytest.raises(TypeError, match="reconstruct_alpha='big'"):
+        FlexiQConfig(reconstruct_alpha="big")
     assert parse_ratios("0, .5,1") == (0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="ratio 'x' is not a number"):
         parse_ratios("0,x")

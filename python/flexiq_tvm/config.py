@@ -46,6 +46,9 @@ class FlexiQConfig:
     reconstruct
         Learn the weight codes of the 4-bit-eligible layers by nested GPTQ on the calibration
         images (:mod:`flexiq_tvm.reconstruct`) instead of rounding each to its nearest code.
+    reconstruct_alpha
+        Weight of the 8-bit block's error against the 4-bit block's in that choice: larger
+        keeps ratio 0 (INT8) closer to nearest rounding, smaller buys more 4-bit accuracy.
     """
 
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -61,6 +64,7 @@ class FlexiQConfig:
     generations: int = 16
     sensitivity_steps: int = 8
     reconstruct: bool = False
+    reconstruct_alpha: float = 32.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratios, str | bytes) or not hasattr(self.ratios, "__iter__"):
@@ -78,6 +82,11 @@ class FlexiQConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name}={v!r}: must be an integer")
+        a = self.reconstruct_alpha
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            raise TypeError(f"reconstruct_alpha={a!r}: must be a number")
+        if not a >= 0 or a == float("inf"):
+            raise ValueError(f"reconstruct_alpha={a}; must be a finite number >= 0")
         object.__setattr__(self, "ratios", ratios)
         if not ratios:
             raise ValueError("ratios must not be empty; e.g. (0, 0.25, 0.5, 0.75, 1)")

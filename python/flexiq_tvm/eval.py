@@ -111,8 +111,8 @@ FLEXIQ_SELECTIONS = ("static", "greedy", "evolutionary")
 def load_calibration(name: str, n: int, seed: int = 0) -> np.ndarray:
     """Calibration images of zoo model ``name`` (never evaluation images), seeded order.
 
-    FMNIST: ``n`` images of the training split.  ImageNet: 4 views (center crop and flip at
-    two scales) of every calibration photo, shuffled, at most ``n``.
+    FMNIST: ``n`` images of the training split.  ImageNet: the center crop of every
+    calibration photo (27 photos with opencv-doc installed), shuffled, at most ``n``.
     """
     s = registry.spec(name)
     if s.dataset == "fmnist":

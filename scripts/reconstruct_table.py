@@ -1,8 +1,11 @@
-"""EfficientNet-Lite0 fidelity per ratio on every held-out view, with and without the nested
-GPTQ reconstruction (issue 22).  Writes one eval-style JSON (DESIGN.md keys, plus ``kl`` and
-``top5_overlap`` per row) and prints a table.
+"""Accuracy and fidelity per ratio of a zoo model, with and without the nested GPTQ
+reconstruction (issue 22), on all of its evaluation data (every held-out view for
+EfficientNet-Lite0, the 10 000 test images for Fashion-MNIST).  Writes one eval-style JSON
+(DESIGN.md keys, plus ``kl`` and ``top5_overlap`` per row) and prints a line per row.
 
-    .venv/bin/python scripts/lite0_accuracy.py --json docs/results/lite0_reconstruct.json
+    .venv/bin/python scripts/reconstruct_table.py --json docs/results/lite0_reconstruct.json
+    .venv/bin/python scripts/reconstruct_table.py --model resnet20_fmnist \
+        --methods flexiq-static,flexiq-static+gptq --json docs/results/resnet20_reconstruct.json
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from flexiq_tvm.fakequant import FakeQuantModel, predict
 from flexiq_tvm.quantize import quantize
 from flexiq_tvm.zoo import registry
 
-NAME = "efficientnet_lite0_imagenet"
 RUNS = {  # method: config overrides
     "flexiq-static": {"selection": "static"},
     "flexiq-greedy": {"selection": "greedy"},
@@ -36,28 +38,34 @@ def top5_overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_lite0_imagenet",
+                    choices=sorted(registry.MODELS))
     ap.add_argument("--ratios", default="0,0.25,0.5,0.75,1")
-    ap.add_argument("--methods", default=",".join(RUNS))
+    ap.add_argument("--methods", default=",".join(RUNS), help=f"of {', '.join(RUNS)}")
     ap.add_argument("--limit", type=int, default=None, help="held-out views (default: all)")
     ap.add_argument("--search-images", type=int, default=16)
     ap.add_argument("--sensitivity-steps", type=int, default=4)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    name = args.model
+    unknown = set(args.methods.split(",")) - set(RUNS)
+    if unknown:
+        ap.error(f"unknown method(s) {sorted(unknown)}; allowed: {', '.join(RUNS)}")
     ratios = tuple(float(r) for r in args.ratios.split(","))
-    dataset, x, y = ev.load_eval_data(NAME, args.limit)
-    model = registry.get_model(NAME)
+    dataset, x, y = ev.load_eval_data(name, args.limit)
+    model = registry.get_model(name)
     fp32 = predict(model, x, batch=50)
     base = {"calib_images": 128, "search_images": args.search_images,
             "sensitivity_steps": args.sensitivity_steps}
-    calib = ev.load_calibration(NAME, base["calib_images"], 0)
-    doc = {"model": NAME, "dataset": dataset, "n_images": len(x),
+    calib = ev.load_calibration(name, base["calib_images"], 0)
+    doc = {"model": name, "dataset": dataset, "n_images": len(x),
            "n_labelled": int((y >= 0).sum()), "n_calibration": len(calib),
            "fp32": {"top1": ev.top1(fp32, y)}, "config": base, "results": []}
     cache: dict = {}
     for method in args.methods.split(","):
         cfg = FlexiQConfig(ratios=ratios, **base, **RUNS[method])
         t0 = time.time()
-        plan = quantize(model, calib, cfg, NAME, progress=False, cache=cache)
+        plan = quantize(model, calib, cfg, name, progress=False, cache=cache)
         fq = FakeQuantModel(model, plan)
         for r in ratios:
             fq.set_ratio(r)
