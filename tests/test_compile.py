@@ -115,8 +115,12 @@ def test_reconstructed_codes_are_bit_exact(name, n_calib):
     model, plan = _reconstructed(name, n_calib)
     assert "reconstruction_seconds" in plan.metrics
     _, xs, _ = load_eval_data(name, 2)
+    assert all(lp.weight_digest for lp in plan.layers if lp.eligible)
     cm = flexiq_tvm.compile(model, xs[:1], plan=plan, expose_layers=True,
                             config=FlexiQConfig(ratios=(0, 0.5, 1)))
     assert cm.ratios == (0.0, 0.5, 1.0)
+    # every plan layer found in the graph (by the digest of its nearest codes), none in FP32
+    assert len(cm.layers) == len(plan.layers)
+    assert not [k for k in cm.report.kept_fp32 if k.get("macs") or "plan layer" in k["reason"]]
     for r in cm.ratios:
         assert oracle_mismatches(cm, xs[1:2], r) == [], (name, r)

@@ -16,12 +16,15 @@ per ratio.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from . import reference as ref
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,12 @@ PLAN_FORMAT = 1
 def ratio_key(r: float) -> str:
     """Canonical text of a ratio (``0.25 -> "0.25"``)."""
     return f"{float(r):g}"
+
+
+def codes_digest(codes: np.ndarray) -> str:
+    """sha256 of INT8 codes (shape and bytes)."""
+    c = np.ascontiguousarray(codes, dtype=np.int8)
+    return hashlib.sha256(repr(c.shape).encode() + c.tobytes()).hexdigest()
 
 
 def variant_name(ratio: float) -> str:
@@ -61,6 +70,9 @@ class LayerPlan:
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    # sha256 of the nearest-rounded INT8 codes of the source weights, set when the codes were
+    # learned (reconstruction): the compiler finds a layer in a graph by its weights
+    weight_digest: str = ""
 
     @property
     def in_channels(self) -> int:
@@ -71,6 +83,15 @@ class LayerPlan:
     def depthwise(self) -> bool:
         """A depthwise conv: one input channel per group."""
         return self.kind == "conv2d" and self.groups > 1 and self.weight_shape[1] == 1
+
+    def matches(self, weight: np.ndarray) -> bool:
+        """Whether ``weight`` (torch layout) is this layer's source weight."""
+        if tuple(self.weight_shape) != tuple(weight.shape):
+            return False
+        nearest = ref.quantize_weight(weight, self.w_scale)
+        if self.weight_digest:
+            return codes_digest(nearest) == self.weight_digest
+        return bool(np.array_equal(nearest, self.w_codes))
 
     def low_mask(self, ratio: float) -> np.ndarray:
         """Boolean ``(C,)``: which input channels run in 4-bit at ``ratio``."""

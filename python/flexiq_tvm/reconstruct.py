@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from . import reference as ref
-from .plan import LayerPlan
+from .plan import LayerPlan, codes_digest
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,8 @@ def reconstruct_layer(lp: LayerPlan, w: np.ndarray, hess, damp: float = 0.01,
         ref.lowered_value(old.numpy().astype(np.int32), shift_g, True).astype(np.float64))))
     after = (err(codes), err(torch.from_numpy(
         ref.lowered_value(new_np, shift_g, True).astype(np.float64))))
+    if not lp.weight_digest:  # the compiler finds the layer by its nearest codes
+        lp.weight_digest = codes_digest(lp.w_codes)
     lp.w_codes = new_np.reshape(lp.weight_shape).astype(np.int8)
     return {"l8": before[:1] + after[:1], "l4": before[1:] + after[1:]}
 

@@ -5,8 +5,9 @@ Runs on a bound, prepared module (weights are constants, BatchNorm decomposed: s
 
 A plan layer is found by its weights, not by names (the frontends name parameters
 differently): a ``R.nn.conv2d(x, W)`` or ``R.matmul(x, W)`` with a constant ``W`` is covered
-by the plan layer whose INT8 codes equal ``quantize_weight(W, layer.w_scale)`` (linear weights
-arrive transposed, ``[K, O]``). The call becomes a call of a private composite function
+by the plan layer whose INT8 codes equal ``quantize_weight(W, layer.w_scale)``, or, for codes
+learned by reconstruction, whose ``weight_digest`` is those nearest codes' digest (linear
+weights arrive transposed, ``[K, O]``). The call becomes a call of a private composite function
 
     @R.function(private=True)
     def flexiq_conv2d_3(x, w):  # attrs: Composite, flexiq.layer, flexiq.in_perm/out_perm
@@ -23,7 +24,6 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .. import reference as ref
 from ..plan import QuantPlan
 from . import _graph as g
 
@@ -36,9 +36,7 @@ def weight_oihw(op: str, w: np.ndarray) -> np.ndarray:
 def match_layer(plan: QuantPlan, w_torch: np.ndarray, used: set[str]):
     """The unused plan layer whose INT8 codes are those of ``w_torch``, else ``None``."""
     for lp in plan.layers:
-        if lp.name in used or tuple(lp.weight_shape) != w_torch.shape:
-            continue
-        if np.array_equal(ref.quantize_weight(w_torch, lp.w_scale), lp.w_codes):
+        if lp.name not in used and lp.matches(w_torch):
             return lp
     return None
 
