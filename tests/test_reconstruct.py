@@ -100,3 +100,23 @@ def test_zoo_model_errors_per_layer(static_plan):
     assert (l4[:, 1] < l4[:, 0]).all()
     assert l4[:, 1].sum() < 0.5 * l4[:, 0].sum()  # measured 0.22-0.71 per layer
     assert (l8[:, 1] < 1.25 * l8[:, 0]).all()  # measured 0.24-1.11
+
+
+def test_learned_codes_keep_the_source_weights_findable(layer, tmp_path):
+    """The compiler finds a layer by its weights: learned codes carry the digest of the
+    nearest codes, which survives save/load, and a different weight does not match."""
+    from flexiq_tvm.plan import QuantPlan
+
+    w, shifts = layer
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 40)) @ rng.standard_normal((40, 40))
+    lp = _linear_plan(w, shifts)
+    assert lp.matches(w) and not lp.weight_digest
+    reconstruct_layer(lp, w, torch.from_numpy(x.T @ x).unsqueeze(0))
+    assert not np.array_equal(lp.w_codes, ref.quantize_weight(w, lp.w_scale))
+    assert lp.weight_digest and lp.matches(w)
+    assert not lp.matches(w * 1.5) and not lp.matches(w[:, :39])
+    plan = QuantPlan("m", (0.0,), {}, [lp])
+    back = QuantPlan.load(plan.save(tmp_path / "p.npz")).layers[0]
+    assert back.weight_digest == lp.weight_digest and back.matches(w)
+    np.testing.assert_array_equal(back.w_codes, lp.w_codes)
