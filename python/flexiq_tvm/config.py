@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -85,7 +86,7 @@ class FlexiQConfig:
         a = self.reconstruct_alpha
         if isinstance(a, bool) or not isinstance(a, numbers.Real):
             raise TypeError(f"reconstruct_alpha={a!r}: must be a number")
-        if not a >= 0 or a == float("inf"):
+        if not (math.isfinite(a) and a >= 0):
             raise ValueError(f"reconstruct_alpha={a}; must be a finite number >= 0")
         object.__setattr__(self, "ratios", ratios)
         if not ratios:

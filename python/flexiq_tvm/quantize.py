@@ -220,8 +220,8 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     if cfg.reconstruct:
         from .reconstruct import reconstruct
 
-        recon = reconstruct(model, layers, calib, images=cfg.calib_images, progress=progress,
-                            alpha=cfg.reconstruct_alpha)
+        recon = reconstruct(model, layers, calib, alpha=cfg.reconstruct_alpha,
+                            progress=progress)
     infos = []
     for lp in layers:
         proxy, rng_score = _proxy_and_range(lp, stats[lp.name])

@@ -131,8 +131,7 @@ class Selector:
     def _sensitivity(self) -> dict[str, np.ndarray]:
         """Distance with 0, 1/S, ..., S/S of each layer's channels lowered (proxy order)."""
         # the curves depend on the codes too: how they were rounded and extracted
-        codes = tuple(getattr(self.cfg, k, None)
-                      for k in ("reconstruct", "reconstruct_alpha", "extraction"))
+        codes = (self.cfg.reconstruct, self.cfg.reconstruct_alpha, self.cfg.extraction)
         key = ("sensitivity", self.steps, tuple(i.name for i in self.infos), codes)
         if key in self.cache:
             self.sensitivity_cached = True

@@ -34,7 +34,8 @@ def weight_oihw(op: str, w: np.ndarray) -> np.ndarray:
 
 
 def match_layer(plan: QuantPlan, w_torch: np.ndarray, used: set[str]):
-    """The unused plan layer whose INT8 codes are those of ``w_torch``, else ``None``."""
+    """The unused plan layer whose source weight is ``w_torch`` (:meth:`LayerPlan.matches`),
+    else ``None``."""
     for lp in plan.layers:
         if lp.name not in used and lp.matches(w_torch):
             return lp
