@@ -6,22 +6,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from flexiq_tvm.schedules.llvm import KERNELS
-from flexiq_tvm.schedules.llvm.mixed import gemm_chunks
+from flexiq_tvm.schedules.llvm import kernel_target, kernels
+from flexiq_tvm.schedules.llvm.mixed import corr8, gemm_chunks, pack_w8
 
 from flexiq_tvm import frontend
-from flexiq_tvm.hostcpu import avx_vnni
-from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
+from flexiq_tvm.hostcpu import ISAS, isa_available
 
-TO, TP = KERNELS["gemm_tiles"]
+TO, TP = kernels("avx2")["gemm_tiles"]
+KERNELS = kernels("avx2")  # the ISA-independent kernels
+# every ISA's kernels; those this CPU cannot run are skipped
+ISA_PARAMS = [pytest.param(i, id=i, marks=pytest.mark.skipif(
+    not isa_available(i), reason=f"this CPU cannot run {i}")) for i in ISAS]
 
 
-def _build(prim_func):
+def _build(prim_func, isa=None):
+    """One kernel as a module's ``main``; an integer kernel with its ISA's kernel target."""
     from flexiq_tvm.schedules.llvm import PASS_CONFIG
 
     mod = tvm.IRModule({"main": prim_func.with_attr("global_symbol", "main")})
+    target = frontend.default_llvm_target()
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        return tvm.compile(mod, target=tvm.target.Target(frontend.default_llvm_target()))
+        return tvm.compile(mod, target=kernel_target(target, isa) if isa else
+                           tvm.target.Target(target))
 
 
 def _rup(v, m):
@@ -41,19 +47,17 @@ CASES = [  # n, c, h, w, o, kh, kw, stride, dil, layout, signed
 ]
 
 
-@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("case", CASES)
-def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
+def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, isa):
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
 
-    if vnni and not avx_vnni():
-        pytest.skip("this CPU has no AVX-VNNI")
-
+    vnni = isa != "avx2"
     n, c, hp, wp, o, kh, kw, stride, dil, layout, signed = case
     rng = np.random.default_rng(c * 100 + o)
     oh = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
-    cpad, opad, kk = _rup(c, 2), _rup(o, TO), kh * kw
+    cpad, opad, kk = _rup(c, 4 if vnni else 2), _rup(o, TO), kh * kw
     ppad = _rup(oh * ow, TP)
     n_max = c - 1
     # activation and weight shifts in no particular order (the slots regroup their sums), or
@@ -64,11 +68,11 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
     low = LowLayout(st, n_max, kk)
     w8 = rng.integers(-127, 128, size=(kh, kw, c, o))
     w4 = rng.integers(-8, 8, size=(kh, kw, c, o))
-    lib = _build(KERNELS["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(), kh, kw,
-                                       stride, dil, oh, ow, opad, layout, vnni=vnni))
+    lib = _build(kernels(isa)["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(), kh,
+                                            kw, stride, dil, oh, ow, opad, layout), isa)
     a8 = np.zeros((kh, kw, cpad, opad), np.int8)
     a8[:, :, :c, :o] = w8
-    w8t = tvm.runtime.tensor(interleave_pairs(a8.reshape(-1, opad)))
+    w8t = tvm.runtime.tensor(pack_w8(a8.reshape(-1, opad), isa))
     w4taps = w4.reshape(kk, c, o)
     w4t = tvm.runtime.tensor(low.pack(w4taps, opad))
     slot_t = tvm.runtime.tensor(low.slot_shift(sw))
@@ -78,6 +82,7 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
         q8 = np.zeros((n, hp, wp, cpad), np.int16)
         q8[..., n_low:c] = rng.integers(-127 if signed else 0, 128 if signed else 256,
                                         size=(n, hp, wp, c - n_low))
+        off8 = 128 if signed and vnni else 0  # VNNI: unsigned bytes, signed codes +128
         a4 = rng.integers(-8 if signed else 0, 8 if signed else 16, size=(n, hp, wp, c))
         a4[..., n_low:] = 0
         # the quantizer's bytes: the code (+8 if signed), the code of 0 in inactive slots; on
@@ -101,9 +106,11 @@ def test_mixed_gemm_conv_matches_numpy_at_every_boundary(case, vnni):
         table[: len(rows)] = rows
         corr = (low.correction(w4taps, st, n_low, opad) if signed
                 else np.zeros(opad, np.int32))
+        corr = corr + corr8(a8.reshape(kk, cpad, opad)[..., :o], n_low, signed, isa, opad)
         shape = (n, opad, ppad) if layout == "OP" else (n, ppad, opad)
         acc = tvm.runtime.empty(shape, "int32")
-        lib["main"](tvm.runtime.tensor(q8), tvm.runtime.tensor(q4), w8t, w4t, slot_t,
+        q8t = (q8 + off8).astype(np.uint8) if vnni else q8
+        lib["main"](tvm.runtime.tensor(q8t), tvm.runtime.tensor(q4), w8t, w4t, slot_t,
                     tvm.runtime.tensor(table), int((rows[:, 1] > 0).sum()),
                     tvm.runtime.tensor(corr), n_low, acc)
         got = acc.numpy()
@@ -133,18 +140,19 @@ def test_gemm_chunks_give_each_task_whole_tiles():
     assert gemm_chunks(3, 1) == 1
 
 
-@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni"])  # the two layouts; pure integer / float
 @pytest.mark.parametrize("signed", [False, True])
-def test_quantize_nhwc_layout_codes_and_padding(signed, vnni):
+def test_quantize_nhwc_layout_codes_and_padding(signed, isa):
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
 
+    vnni = isa != "avx2"
+    off8 = 128 if signed and vnni else 0  # VNNI: unsigned bytes, signed codes stored +128
     n, c, h, w, pad, cpad = 1, 3, 4, 5, (1, 0, 2, 1), 4
     x = np.random.default_rng(2).normal(size=(n, c, h, w)).astype(np.float32)
     inv, sa = 40.0, np.array([1, 2, 0], np.int32)
     low = LowLayout(np.array([3, 5, 0]), 2, taps=1)  # channels 0, 1 (shifts 3, 5) in 4-bit
-    lib = _build(KERNELS["quantize_nhwc"](n, c, h, w, pad, cpad, low.slots, inv, signed,
-                                          vnni=vnni))
-    q8 = tvm.runtime.empty((n, h + 1, w + 3, cpad), "int16")
+    lib = _build(kernels(isa)["quantize_nhwc"](n, c, h, w, pad, cpad, low.slots, inv, signed))
+    q8 = tvm.runtime.empty((n, h + 1, w + 3, cpad), "uint8" if vnni else "int16")
     q4 = tvm.runtime.empty((n, h + 1, w + 3, low.slots), "uint8")
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa), tvm.runtime.tensor(low.slot_chan),
                 2, q8, q4)
@@ -152,7 +160,7 @@ def test_quantize_nhwc_layout_codes_and_padding(signed, vnni):
     code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int32)
     half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)[None, :, None, None]
     a4 = np.clip((code + half) >> sa[None, :, None, None], lo4, hi4)
-    g8, g4 = q8.numpy(), q4.numpy()
+    g8, g4 = q8.numpy().astype(np.int32) - off8, q4.numpy()
     np.testing.assert_array_equal(g8[:, 1:, 2:7, 2], code[:, 2])
     assert not g8[..., :2].any() and not g8[..., 3:].any()  # 4-bit channels, channel pad
     # on the VNNI path every byte of a channel's slot (code, code of 0, border) is shifted by
@@ -301,30 +309,33 @@ def test_quantize_padded_codes_and_border(signed, w):
         np.testing.assert_array_equal(q.numpy(), want, err_msg=f"n_low={n_low}")
 
 
-@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avxvnni"])
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni"])  # the two layouts; pure integer / float
 @pytest.mark.parametrize("signed", [False, True])
-def test_quantize_rows_codes_at_every_boundary(signed, vnni):
+def test_quantize_rows_codes_at_every_boundary(signed, isa):
     """A linear layer's rows: vectorised along channels / slots, odd widths included."""
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
 
+    vnni = isa != "avx2"
+    off8 = 128 if signed and vnni else 0
     m, k, kpad = 13, 19, 20
     rng = np.random.default_rng(5)
     x = rng.normal(size=(m, k)).astype(np.float32)
     inv, sa = 30.0, rng.integers(0, 5, size=k).astype(np.int32)
     low = LowLayout(rng.integers(3, 9, size=k), k - 2, taps=1)
-    lib = _build(KERNELS["quantize_rows"](m, k, kpad, low.slots, inv, signed, vnni=vnni))
+    lib = _build(kernels(isa)["quantize_rows"](m, k, kpad, low.slots, inv, signed))
     lo, hi, lo4, hi4, off = (-127, 127, -8, 7, 8) if signed else (0, 255, 0, 15, 0)
     code = np.clip(np.floor(x * np.float32(inv) + np.float32(0.5)), lo, hi).astype(np.int32)
     half = np.where(sa > 0, 1 << np.maximum(sa - 1, 0), 0)
     a4 = np.clip((code + half) >> sa, lo4, hi4)
     for n_low in (0, 1, 8, k - 2):
-        q8 = tvm.runtime.empty((1, 1, m, kpad), "int16")
+        q8 = tvm.runtime.empty((1, 1, m, kpad), "uint8" if vnni else "int16")
         q4 = tvm.runtime.empty((1, 1, m, low.slots), "uint8")
         lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(sa),
                     tvm.runtime.tensor(low.slot_chan), n_low, q8, q4)
-        want8 = np.zeros((m, kpad), np.int64)
-        want8[:, n_low:k] = code[:, n_low:]
-        np.testing.assert_array_equal(q8.numpy()[0, 0], want8, err_msg=f"n_low={n_low}")
+        want8 = np.full((m, kpad), off8, np.int64)
+        want8[:, n_low:k] = code[:, n_low:] + off8
+        np.testing.assert_array_equal(q8.numpy()[0, 0].astype(np.int64), want8,
+                                      err_msg=f"n_low={n_low}")
         want4 = np.full((m, low.slots), off, np.int64)
         for si, ci in enumerate(low.slot_chan):
             if 0 <= ci < n_low:

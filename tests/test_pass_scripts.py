@@ -15,6 +15,7 @@ weights computed here from the permutation the pass must choose:
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -364,22 +365,26 @@ class LinearBefore:
         return y
 
 
-def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio():
-    from flexiq_tvm.schedules.llvm import KERNELS
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])  # lowering only: no CPU needed
+def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio(isa):
+    from flexiq_tvm.schedules.llvm import kernels
     from flexiq_tvm.schedules.llvm.mixed import LowLayout
     from tvm.script import tirx as T
 
     from flexiq_tvm.transform import QuantizeMixedPrecision
-    from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs
 
     _, reordered = _run(LIN_PLAN, LinearBefore)
+    KERNELS = kernels(isa)
     got = QuantizeMixedPrecision(LIN_PLAN, KERNELS)(reordered)
 
-    # expected operands: INT8 weights in row-pair order, the 4-bit block (channels 0, 1 at
-    # ratio 0.5; shift 0, so a 4-bit code is the clamped INT8 code) in one quad of slots
+    # expected operands: INT8 weights in row-pair order (row quads on VNNI), the 4-bit block
+    # (channels 0, 1 at ratio 0.5; shift 0, so a 4-bit code is the clamped INT8 code) in one
+    # quad of slots
     w8 = np.zeros((4, 16), np.int8)
     w8[:, :6] = WL
-    W8 = interleave_pairs(w8)
+    W8 = w8.reshape(2, 2, 16).transpose(0, 2, 1).reshape(2, 32) if isa == "avx2" else \
+        w8.T.reshape(1, 64)
+    Q8 = "int16" if isa == "avx2" else "uint8"
     low = LowLayout(np.zeros(4, np.int32), 2, taps=1)
     assert low.slot_chan.tolist() == [0, 1, -1, -1]
     w4 = np.clip(WL, -8, 7).astype(np.int32)[None]  # [taps, K, O]
@@ -390,7 +395,10 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
     T000, T050 = np.zeros((1, 3), np.int32), np.array([[0, 1, 0]], np.int32)
     C000 = np.zeros(16, np.int32)
     C050 = np.zeros(16, np.int32)
-    C050[:6] = 8 * w4[0, :2].sum(0)  # signed activations are stored + 8
+    C050[:6] = 8 * w4[0, :2].sum(0)  # signed 4-bit activations are stored + 8
+    if isa != "avx2":  # signed 8-bit codes are stored + 128, over the quads read (all 4 rows)
+        C000[:6] += 128 * WL.astype(np.int64).sum(0)
+        C050[:6] += 128 * WL.astype(np.int64).sum(0)
 
     @I.ir_module(check_well_formed=False)  # stub kernels until they are put in below
     class LinearLowered:
@@ -413,7 +421,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
                 x2 = R.reshape(x, R.shape([3, 4]))
                 qq = R.call_tir(cls.fc_quantize, (x2, R.const(SA), R.const(SLOTS),
                                                   R.prim_value(T.int32(0))),
-                                out_ty=[R.Tensor((1, 1, 3, 4), "int16"),
+                                out_ty=[R.Tensor((1, 1, 3, 4), Q8),
                                         R.Tensor((1, 1, 3, 4), "uint8")])
                 q8 = qq[0]
                 q4 = qq[1]
@@ -433,7 +441,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio()
                 x2 = R.reshape(x, R.shape([3, 4]))
                 qq = R.call_tir(cls.fc_quantize, (x2, R.const(SA), R.const(SLOTS),
                                                   R.prim_value(T.int32(2))),
-                                out_ty=[R.Tensor((1, 1, 3, 4), "int16"),
+                                out_ty=[R.Tensor((1, 1, 3, 4), Q8),
                                         R.Tensor((1, 1, 3, 4), "uint8")])
                 q8 = qq[0]
                 q4 = qq[1]

@@ -223,9 +223,9 @@ def test_compiled_layers_are_bit_exact_with_the_oracle(cls, shape):
 
 
 def test_weights_pack_two_nibbles_per_byte_in_the_kernel_order():
-    from flexiq_tvm.schedules.llvm.mixed import LowLayout
+    from flexiq_tvm.schedules.llvm.mixed import LowLayout, pack_w8
 
-    from flexiq_tvm.transform.quantize_mixed_precision import interleave_pairs, pack_int4_flat
+    from flexiq_tvm.transform.quantize_mixed_precision import pack_int4_flat
 
     rng = np.random.default_rng(0)
     codes = rng.integers(-8, 8, size=(2, 6, 32))  # 2 taps, 6 channels, 32 outputs
@@ -238,8 +238,10 @@ def test_weights_pack_two_nibbles_per_byte_in_the_kernel_order():
         ch = low.slot_chan[4 * (tq % (low.slots // 4)) + j % 4]
         want = 0 if ch < 0 else codes[tq // (low.slots // 4), ch, 16 * ob + j // 4]
         assert e[tq, ob, j] == want
-    pairs = interleave_pairs(codes[0, :4])
+    pairs = pack_w8(codes[0, :4], "avx2")  # vpmaddwd: row pairs interleaved per output
     assert pairs.shape == (2, 64) and pairs[1, 2 * 5 + 1] == codes[0, 3, 5]
+    quads = pack_w8(codes[0, :4], "avx512vnni")  # vpdpbusd: row quads
+    assert quads.shape == (1, 128) and quads[0, 4 * 5 + 3] == codes[0, 3, 5]
     flat = pack_int4_flat(np.array([-8, 7, 3]))
     assert flat.tolist() == [0x78, 0x03]
 

@@ -113,7 +113,8 @@ def _warn_uncovered(kept: list[dict], plan: QuantPlan, missing: list[str]) -> No
 def compile(model, example_input, calib_data=None, target="llvm",
             config: FlexiQConfig | None = None, plan: QuantPlan | None = None,
             via: str = "torch.export", expose_layers: bool = False,
-            progress: bool = False, npu_config=None, database="auto") -> CompiledModule:
+            progress: bool = False, npu_config=None, database="auto",
+            isa: str | None = None) -> CompiledModule:
     """Quantize (unless ``plan`` is given) and compile a model into a FlexiQ module.
 
     Parameters
@@ -149,17 +150,25 @@ def compile(model, example_input, calib_data=None, target="llvm",
         MetaSchedule records for the non-FlexiQ PrimFuncs (``flexiq-tvm tune``): ``"auto"``
         applies ``schedules/llvm/tuned`` (``schedules/cuda/tuned`` for CUDA) when it exists,
         a path applies that work dir, ``None`` none. The report's ``times_s`` notes which was used.
+    isa
+        The CPU kernels' instruction set (llvm, and the CPU part of flexiq_npu): ``"avx2"``
+        (``vpmaddwd`` / ``vpmaddubsw``), ``"avxvnni"`` or ``"avx512vnni"`` (``vpdpbusd``);
+        default: the fastest this CPU has (:func:`flexiq_tvm.hostcpu.best_isa`, or the
+        ``FLEXIQ_ISA`` variable). One this CPU lacks is an error. An ``avx2`` build on a VNNI
+        machine stands in for an AVX2-only CPU (Zen 3, older Intel).
     """
     import tvm
 
-    from . import frontend, transform
+    from . import frontend, hostcpu, transform
     from .quantize import quantize
-    from .schedules.llvm import PASS_CONFIG, pipeline
+    from .schedules.llvm import build as llvm_build
+    from .schedules.llvm import kernel_target
 
     cuda = cuda_target(target)
     if cuda is None and target not in TARGETS:
         raise ValueError(f"target={target!r}; available: {TARGETS} or a CUDA target "
                          '({"kind": "cuda", "arch": "sm_80"})')
+    isa = None if cuda is not None else hostcpu.check_isa(isa)
     config = config or FlexiQConfig()
     times = {}
     t0 = time.perf_counter()
@@ -187,11 +196,11 @@ def compile(model, example_input, calib_data=None, target="llvm",
         if expose_layers:
             raise ValueError("expose_layers is for target='llvm' (the NPU's per-layer oracle "
                              "check runs its programs in flexiq_tvm.target.npu.sim)")
-        return _compile_npu(mod, x, plan, ratios, via, times, npu_config)
+        return _compile_npu(mod, x, plan, ratios, via, times, npu_config, isa)
     mod = transform.AnnotateChannelPrecision(plan)(mod)
     mod = transform.ReorderChannelBlocks(plan)(mod)
     kept = _kept_fp32(mod)
-    qpass = lowering(plan, ratios, cuda, expose_layers)
+    qpass = lowering(plan, ratios, cuda, expose_layers, isa)
     mod = qpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -204,8 +213,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
     else:
         tgt, device = tvm.target.Target(frontend.default_llvm_target()), None
         db = resolve_database(database)
-        with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG), _quiet_build():
-            ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, db))
+        with _quiet_build():
+            ex = llvm_build(mod, tgt, db)
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
     int8 = int4 = 0
@@ -226,7 +235,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
     _warn_uncovered(kept, plan, missing)
     log.info("compiled %d layers x %d ratios in %.1f s", len(qpass.layers), len(ratios),
              sum(times.values()))
-    meta = {"target": _target_json(tgt), "database": db,
+    meta = {"target": _target_json(tgt), "database": db, "isa": isa,
+            "kernel_target": None if isa is None else _target_json(kernel_target(tgt, isa)),
             "model": plan.model, "via": via, "plan": _plan_summary(plan, ratios),
             "report": report.as_dict(), "num_outputs": n_outputs,
             "expose_layers": bool(expose_layers)}
@@ -288,7 +298,7 @@ def _plan_summary(plan: QuantPlan, ratios) -> dict:
             "channel_fraction": {f"{r:g}": plan.channel_fraction(r) for r in ratios}}
 
 
-def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule:
+def _compile_npu(mod, x, plan, ratios, via, times, npu_config, isa) -> CompiledModule:
     import tvm
 
     from . import frontend
@@ -297,8 +307,7 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
 
     t0 = time.perf_counter()
     with _quiet_build():
-        ex, info = npu.build(mod, plan, ratios, (llvm.KERNELS, llvm.PASS_CONFIG, llvm.pipeline),
-                             npu_config)
+        ex, info = npu.build(mod, plan, ratios, (llvm.kernels(isa), llvm.build), npu_config)
     times["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     lib = ex.jit()  # compiles the NPU module's C source: one library, one instruction memory
@@ -317,8 +326,10 @@ def _compile_npu(mod, x, plan, ratios, via, times, npu_config) -> CompiledModule
                                      "reason": "plan layer not found in the graph"})
     int8 = sum(lp.w_codes.size for lp in plan.layers if lp.name in on_npu)
     report.weight_bytes = {"int8": int8, "int4_packed": int8 // 2, "fp32": 0}
+    host_target = tvm.target.Target(frontend.default_llvm_target())
     meta = {"target": "flexiq_npu", "model": plan.model, "via": via,
-            "host_target": _target_json(tvm.target.Target(frontend.default_llvm_target())),
+            "host_target": _target_json(host_target), "isa": isa,
+            "kernel_target": _target_json(llvm.kernel_target(host_target, isa)),
             "plan": _plan_summary(plan, ratios),
             "ratio_switch": {"entry": info["entry"], "function": info["set_ratio"]},
             "npu": info, "report": report.as_dict()}

@@ -232,19 +232,37 @@ KERNEL_SHAPES = {  # name: (channels, spatial size, outputs, kernel size)
 }
 
 
-def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> list[dict]:
-    """One FlexiQ GEMM kernel per shape on random codes, at each ratio (median µs)."""
+def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7,
+                  isas=None) -> list[dict]:
+    """One FlexiQ GEMM kernel per shape on random codes, at each ratio (median µs), for each
+    ISA of ``isas`` (default: :func:`isas_to_bench`)."""
+    out = []
+    for isa in isas or isas_to_bench():
+        out += _bench_kernels(isa, ratios, number, repeat)
+    return out
+
+
+def isas_to_bench() -> list[str]:
+    """The host's best ISA and, where that is a VNNI one, the AVX2 build beside it (the honest
+    stand-in for an AVX2-only CPU)."""
+    from .hostcpu import best_isa
+
+    best = best_isa()
+    return [best] + (["avx2"] if best != "avx2" else [])
+
+
+def _bench_kernels(isa, ratios, number, repeat) -> list[dict]:
     import tvm
 
     from . import frontend
-    from .schedules.llvm import KERNELS, PASS_CONFIG
-    from .schedules.llvm.mixed import TO, TP, LowLayout
-    from .transform.quantize_mixed_precision import interleave_pairs
+    from .schedules.llvm import PASS_CONFIG, kernel_target, kernels
+    from .schedules.llvm.mixed import TO, TP, LowLayout, k_group, pack_w8
 
     def rup(v, m):
         return -(-v // m) * m
 
-    target = tvm.target.Target(frontend.default_llvm_target())
+    target = kernel_target(frontend.default_llvm_target(), isa)
+    lib_k = kernels(isa)
     rng = np.random.default_rng(0)
     out = []
     for name, (c, hw, o, k) in KERNEL_SHAPES.items():
@@ -253,18 +271,19 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
         else:
             hp = wp = hw + 2 * (k // 2)
             oh = ow = hw
-        cpad, opad, kk = rup(c, 2), rup(o, TO), k * k
+        cpad, opad, kk = rup(c, k_group(isa)), rup(o, TO), k * k
         # realistic total shifts (5..8, as calibrated on the zoo) in several runs
         low = LowLayout(rng.integers(5, 9, size=c), c, kk)
-        f = KERNELS["mixed_gemm"](1, hp, wp, cpad, low.slots, low.max_chunks(), k, k, (1, 1),
-                                  (1, 1), oh, ow, opad, "OP")
+        f = lib_k["mixed_gemm"](1, hp, wp, cpad, low.slots, low.max_chunks(), k, k, (1, 1),
+                                (1, 1), oh, ow, opad, "OP")
         with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
             lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                               target=target)
-        q8 = tvm.runtime.tensor(rng.integers(0, 256, (1, hp, wp, cpad)).astype(np.int16))
+        q8 = tvm.runtime.tensor(rng.integers(0, 256, (1, hp, wp, cpad)).astype(
+            lib_k["q8_dtype"]))
         q4 = tvm.runtime.tensor(rng.integers(0, 16, (1, hp, wp, low.slots)).astype(np.uint8))
-        w8 = tvm.runtime.tensor(interleave_pairs(
-            rng.integers(-127, 128, (kk * cpad, opad)).astype(np.int8)))
+        w8 = tvm.runtime.tensor(pack_w8(
+            rng.integers(-127, 128, (kk * cpad, opad)).astype(np.int8), isa))
         w4 = tvm.runtime.tensor(low.pack(rng.integers(-8, 8, (kk, c, o)), opad))
         acc = tvm.runtime.empty((1, opad, rup(oh * ow, TP)), "int32")
         slot = tvm.runtime.tensor(low.slot_shift(rng.integers(0, 5, size=c)))
@@ -282,8 +301,10 @@ def bench_kernels(ratios=(0.0, 0.5, 1.0), number: int = 20, repeat: int = 7) -> 
             res = timer(*args)
             us = 1e6 * float(np.median(res.results))
             macs = oh * ow * o * c * kk
-            out.append({"name": name, "ratio": r, "median_us": us, "gmacs": macs / us / 1e3})
-            log.info("kernel %s r%g: %.1f us (%.1f GMAC/s)", name, r, us, macs / us / 1e3)
+            out.append({"name": name, "ratio": r, "median_us": us, "gmacs": macs / us / 1e3,
+                        "isa": isa})
+            log.info("kernel %s %s r%g: %.1f us (%.1f GMAC/s)", name, isa, r, us,
+                     macs / us / 1e3)
     return out
 
 

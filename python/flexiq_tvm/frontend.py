@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from .hostcpu import avx_vnni
-
 log = logging.getLogger(__name__)
 
 VIA = ("torch.export", "onnx")
@@ -329,8 +327,8 @@ def default_llvm_target() -> dict:
     multiply-add, which rounds once where numpy and torch round twice. The quantizer's
     ``x * inv + 0.5`` and the FP32 glue must round like the integer oracle and the fake-quant
     model, so every multiply and add is rounded separately. (On AVX-512 CPUs this also drops
-    AVX-512F, which depends on FMA; the FlexiQ kernels use AVX2.) Where the CPU has AVX-VNNI
-    (:func:`avx_vnni`), ``+avxvnni`` is added: the kernels then use its ymm dot products.
+    AVX-512F, which depends on FMA.) The integer GEMMs are built apart, with their ISA's
+    features (:func:`flexiq_tvm.schedules.llvm.build`).
     """
     import platform
 
@@ -340,7 +338,7 @@ def default_llvm_target() -> dict:
 
         target["mtriple"] = "x86_64-pc-linux-gnu"
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        target["mattr"] = ["-fma"] + (["+avxvnni"] if avx_vnni() else [])
+        target["mattr"] = ["-fma"]
         # LLVM's SLP vectoriser packs the kernels' per-position address arithmetic into vector
         # registers (extracting each address again), competing with the dot products for the
         # vector ports; every vector loop here is vectorised explicitly in TIR

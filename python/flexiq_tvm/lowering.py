@@ -2,8 +2,8 @@
 ``tune``, which both build the module the same way.
 
 Here the target plug-ins meet the target-independent passes: the lowering passes take their
-kernels as arguments (``schedules/llvm``'s ``KERNELS``, ``schedules/cuda``'s ``lower``), so no
-pass imports a schedule.
+kernels as arguments (``schedules/llvm``'s ``kernels(isa)``, ``schedules/cuda``'s ``lower``), so
+no pass imports a schedule.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ def database_exists(work_dir) -> bool:
     return (p / "database_workload.json").exists() and (p / "database_tuning_record.json").exists()
 
 
-def lowering(plan: QuantPlan, ratios, cuda=None, expose_layers: bool = False):
-    """The pass that lowers the FlexiQ composites for the CPU, or for ``cuda`` (a target from
-    :func:`cuda_target`) with that arch's GEMM path."""
+def lowering(plan: QuantPlan, ratios, cuda=None, expose_layers: bool = False,
+             isa: str | None = None):
+    """The pass that lowers the FlexiQ composites for the CPU with ``isa``'s kernels (default:
+    :func:`flexiq_tvm.hostcpu.best_isa`), or for ``cuda`` (a target from :func:`cuda_target`)
+    with that arch's GEMM path."""
     from . import transform
 
     if cuda is None:
-        from .schedules.llvm import KERNELS
+        from .schedules.llvm import kernels
 
-        return transform.QuantizeMixedPrecision(plan, KERNELS, ratios,
+        return transform.QuantizeMixedPrecision(plan, kernels(isa), ratios,
                                                 expose_layers=expose_layers)
     from .schedules.cuda import gemm_path, lower
 

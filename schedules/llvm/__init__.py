@@ -1,19 +1,24 @@
 """llvm (x86 CPU) kernels for FlexiQ mixed-precision layers: hand-scheduled TensorIR templates,
-and the Relax pipeline that builds a module around them."""
+and the Relax pipeline and build that put a module around them."""
 
 from __future__ import annotations
+
+import json
 
 import tvm
 
 from .injective import ScheduleInjective, schedule_injective
-from .mixed import KERNELS
+from .mixed import kernels
 
-__all__ = ["KERNELS", "PASS_CONFIG", "ScheduleInjective", "pipeline", "schedule_injective"]
+__all__ = ["PASS_CONFIG", "ScheduleInjective", "build", "kernel_target", "kernels", "pipeline",
+           "schedule_injective", "split_kernels"]
 
 # TIR StorageRewrite in TVM 0.27 folds the GEMM's int16 register tile into the memory of its
 # int16 weight panel while the panel is still read (wrong results for some shapes, e.g. 2
 # input channels with a 3x3 kernel). Every build of these kernels runs with it switched off.
 PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
+
+ISA_ATTR = "flexiq.isa"  # an integer-only kernel, built with its ISA's kernel target
 
 
 def pipeline(target: tvm.target.Target, database: str | None = None) -> tvm.transform.Pass:
@@ -36,3 +41,67 @@ def pipeline(target: tvm.target.Target, database: str | None = None) -> tvm.tran
             return seq(mod)
 
     return _pipeline
+
+
+def kernel_target(target, isa: str) -> tvm.target.Target:
+    """``target`` (the module's llvm target: a dict or ``Target``) with the ``mattr`` of
+    ``isa``'s integer kernels (:func:`flexiq_tvm.hostcpu.kernel_mattr`)."""
+    from flexiq_tvm.hostcpu import kernel_mattr
+
+    t = dict(target) if isinstance(target, dict) else json.loads(str(target))
+    t["mattr"] = kernel_mattr(isa)
+    return tvm.target.Target(t)
+
+
+def split_kernels(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, tvm.IRModule]]:
+    """Take the integer kernels (PrimFuncs marked ``flexiq.isa``) out of ``mod``: each
+    ``call_tir`` of one becomes a ``call_dps_packed`` of its symbol (``flexiq_<name>``), and the
+    kernels come back as one TIR module per ISA, to be built with :func:`kernel_target`.
+
+    Why: TVM builds every llvm function of a module with one LLVM target machine, and that
+    one has FMA off (the glue must round like the oracle), which on x86 also switches
+    AVX-512 off. The kernels hold no float arithmetic and may use any ISA."""
+    from tvm import relax
+
+    kernels_ = {gv: f for gv, f in mod.functions.items()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+                and ISA_ATTR in f.attrs}
+    if not kernels_:
+        return mod, {}
+    symbol = {gv: f"flexiq_{gv.name_hint}" for gv in kernels_}
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @relax.expr_functor.mutator
+    class _Extern(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.same_as(call_tir) and call.args[0] in symbol:
+                out = list(call.ty_args)
+                return relax.call_dps_packed(relax.ExternFunc(symbol[call.args[0]]),
+                                             call.args[1], out if len(out) > 1 else out[0])
+            return call
+
+    funcs, by_isa = {}, {}
+    for gv, f in mod.functions.items():
+        if gv in kernels_:
+            by_isa.setdefault(str(f.attrs[ISA_ATTR]), {})[symbol[gv]] = f.with_attr(
+                "global_symbol", symbol[gv])
+        elif isinstance(f, relax.Function):
+            funcs[gv] = _Extern().visit_expr(f)
+        else:
+            funcs[gv] = f
+    return (tvm.IRModule(funcs, attrs=mod.attrs),
+            {isa: tvm.IRModule(fs) for isa, fs in by_isa.items()})
+
+
+def build(mod: tvm.IRModule, target, database: str | None = None):
+    """Compile a Relax module that calls these kernels: the module with ``target`` (FMA off)
+    through :func:`pipeline`, its integer kernels with their ISA's :func:`kernel_target`,
+    imported into the same executable (``export_library`` links them into one library)."""
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    mod, kmods = split_kernels(mod)
+    with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=pipeline(tgt, database))
+        for isa, kmod in sorted(kmods.items()):
+            ex.mod.import_module(tvm.tirx.build(kmod, target=kernel_target(tgt, isa)))
+    return ex

@@ -6,15 +6,16 @@ weight buffer. Arithmetic is the integer oracle's (:mod:`flexiq_tvm.reference`) 
 the design is explained in docs/kernels.md:
 
 * ``quantize_nhwc`` / ``quantize_rows``: 8-bit activation codes ``clip(floor(x * inv + 0.5))``
-  (two float32 roundings: the target has FMA contraction off) into a channels-last int16
-  buffer, and the 4-bit codes ``clip((q + 2**(sa-1)) >> sa)`` of the active low channels into
+  (two float32 roundings: the target has FMA contraction off) into a channels-last buffer,
+  and the 4-bit codes ``clip((q + 2**(sa-1)) >> sa)`` of the active low channels into
   a uint8 buffer in :class:`LowLayout` slot order; each buffer holds the code of 0 where a
-  channel belongs to the other block. On the AVX-VNNI path the 4-bit bytes are stored
-  shifted left by ``sa``.
+  channel belongs to the other block. On the VNNI ISAs the 8-bit codes are unsigned bytes
+  (signed ones +128) and the 4-bit bytes are stored shifted left by ``sa``.
 * ``mixed_gemm``: implicit-GEMM conv / linear. AVX2: the 8-bit block on ``vpmaddwd``, the
   4-bit block on ``vpmaddubsw`` with int16 chunks flushed by ``vpmaddwd`` times
-  ``2**shift``. AVX-VNNI (``vnni``, default: this CPU's): ``vpdpwssd``, and ``vpdpbusd`` on
-  pre-shifted operands straight into the int32 tile.
+  ``2**shift``. VNNI (``isa`` ``avxvnni`` / ``avx512vnni``, default: this CPU's best): both
+  blocks on ``vpdpbusd`` (unsigned 8-bit codes; pre-shifted 4-bit operands) straight into the
+  int32 tile.
 * ``quantize_padded`` + ``mixed_grouped_conv``: grouped/depthwise conv on NCHW codes (4-bit
   codes pre-shifted by ``sa + sw``); a channel is 4-bit when its rank in the plan's priority
   order is below ``n_low``, so no contiguous block is needed.
@@ -141,8 +142,8 @@ class LowLayout:
         return out.astype(np.int32)
 
 
-def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
-    """x f32[m,k] -> (q8 i16[1,1,m,kpad], q4 u8[1,1,m,slots]): a linear layer is a 1x1 conv
+def quantize_rows(m, k, kpad, slots, inv, signed, isa: str | None = None):
+    """x f32[m,k] -> (q8 [1,1,m,kpad], q4 u8[1,1,m,slots]): a linear layer is a 1x1 conv
     over its ``m`` rows, with the codes of :func:`quantize_nhwc`.
 
     The rows are already channels-last, so this is elementwise: parallel over rows, the 8-bit
@@ -152,11 +153,13 @@ def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
     kv, sv = kpad // 8 * 8, slots // 8 * 8
-    vnni = _vnni(vnni)
+    isa = _isa(isa)
+    vnni = _vnni(isa)
+    d8, off8 = _q8_dtype(isa), _off8(isa, signed)
 
     def c8(x, r, ci, n_low):
-        return T.Cast("int16", T.if_then_else(tirx.all(ci >= n_low, ci < k), code8(
-            x[r, T.min(ci, k - 1)], inv, lo, hi), 0))
+        return T.Cast(d8, T.if_then_else(tirx.all(ci >= n_low, ci < k), code8(
+            x[r, T.min(ci, k - 1)], inv, lo, hi), 0) + off8)
 
     def c4(x, sa, slot_chan, r, si, n_low):
         return T.if_then_else(
@@ -169,7 +172,7 @@ def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
     @T.prim_func(private=True, s_tir=True)
     def quantize(x: T.Buffer((m, k), "float32"), sa: T.Buffer((k,), "int32"),
                  slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
-                 q8: T.Buffer((1, 1, m, kpad), "int16"),
+                 q8: T.Buffer((1, 1, m, kpad), d8),
                  q4: T.Buffer((1, 1, m, slots), "uint8")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
@@ -182,7 +185,7 @@ def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
                         q8[0, 0, r, kv + ci] = c8(x, r, kv + ci, n_low)
                 else:
                     for ci in range(kpad):
-                        q8[0, 0, r, ci] = T.int16(0)
+                        q8[0, 0, r, ci] = T.Cast(d8, off8)
                 if n_low > 0:
                     for so in range(sv // 8):
                         for si in T.vectorized(8):
@@ -197,22 +200,28 @@ def quantize_rows(m, k, kpad, slots, inv, signed, vnni: bool | None = None):
     return quantize
 
 
-def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, vnni: bool | None = None):
+def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, isa: str | None = None):
     """x f32[n,c,h,w] -> channels-last, zero-bordered codes for :func:`mixed_gemm`:
 
-    * ``q8`` i16 ``[n, hp, wp, cpad]``: the 8-bit code of channels ``>= n_low`` (0 below);
+    * ``q8`` ``[n, hp, wp, cpad]``: the 8-bit code of channels ``>= n_low`` (the code of 0
+      below, on the border and in the pad channels); int16 on AVX2, uint8 on the VNNI ISAs
+      (``vpdpbusd`` wants unsigned bytes: signed codes are stored ``+128``);
     * ``q4`` u8 ``[n, hp, wp, slots]``: per slot (:class:`LowLayout`) the 4-bit code
       ``clip((q + 2**(sa-1)) >> sa)`` of its channel when that is below ``n_low``, stored
       ``+8`` for signed activations (``vpmaddubsw`` / ``vpdpbusd`` want unsigned bytes); every
-      other slot and the border hold the code of 0. With ``vnni`` (default: this CPU's) each
-      byte of a channel's slot is shifted left by the channel's ``sa`` (:func:`mixed_gemm`).
+      other slot and the border hold the code of 0. On the VNNI ISAs (``isa``, default: this
+      CPU's best, :func:`flexiq_tvm.hostcpu.best_isa`) each byte of a channel's slot is
+      shifted left by the channel's ``sa`` (:func:`mixed_gemm`).
     """
-    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, _vnni(vnni))
+    return _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, _isa(isa))
 
 
-def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
+def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, isa):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
+    vnni = _vnni(isa)
+    d8, off8 = _q8_dtype(isa), _off8(isa, signed)
+    zero8 = T.Cast(d8, off8)
     pt, pb, pl, pr = pad
     hp, wp = h + pt + pb, w + pl + pr
     xshape = (n, c, h, w)
@@ -225,21 +234,21 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     @T.prim_func(private=True, s_tir=True)
     def quantize(x: T.Buffer(xshape, "float32"), sa: T.Buffer((c,), "int32"),
                  slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
-                 q8: T.Buffer((n, hp, wp, cpad), "int16"),
+                 q8: T.Buffer((n, hp, wp, cpad), d8),
                  q4: T.Buffer((n, hp, wp, slots), "uint8")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
             for by in T.parallel(n * hp):
                 if by % hp < pt or by % hp >= pt + h:
                     for ix, ci in T.grid(wp, cpad):
-                        q8[by // hp, by % hp, ix, ci] = T.int16(0)
+                        q8[by // hp, by % hp, ix, ci] = zero8
                     for ix, si in T.grid(wp, slots):
                         q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
                 else:
                     for ix, ci in T.grid(pl, cpad):
-                        q8[by // hp, by % hp, ix, ci] = T.int16(0)
+                        q8[by // hp, by % hp, ix, ci] = zero8
                     for ix, ci in T.grid(pr, cpad):
-                        q8[by // hp, by % hp, pl + w + ix, ci] = T.int16(0)
+                        q8[by // hp, by % hp, pl + w + ix, ci] = zero8
                     for ix, si in T.grid(pl, slots):
                         q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
                     for ix, si in T.grid(pr, slots):
@@ -249,19 +258,19 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
                     # of 0 (the 8-bit buffer below n_low, the inactive 4-bit slots)
                     for ci in range(n_low):
                         for ix in range(w):
-                            q8[by // hp, by % hp, pl + ix, ci] = T.int16(0)
+                            q8[by // hp, by % hp, pl + ix, ci] = zero8
                     for ci in range(n_low, cpad):
                         for xo in range(wv // vl):
                             for xi in T.vectorized(vl):
                                 q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
-                                    "int16", T.if_then_else(ci < c, code8(
+                                    d8, T.if_then_else(ci < c, code8(
                                         x[by // hp, T.min(ci, c - 1), by % hp - pt,
-                                          xo * vl + xi], inv, lo, hi), 0))
+                                          xo * vl + xi], inv, lo, hi), 0) + off8)
                         for xr in range(w - wv):
                             q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
-                                "int16", T.if_then_else(ci < c, code8(
+                                d8, T.if_then_else(ci < c, code8(
                                     x[by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr],
-                                    inv, lo, hi), 0))
+                                    inv, lo, hi), 0) + off8)
                     for si in range(slots):
                         if slot_chan[si] >= 0 and slot_chan[si] < n_low:
                             for xo in range(wv // vl):
@@ -286,13 +295,60 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, vnni):
     return quantize
 
 
-def _vnni(vnni: bool | None) -> bool:
-    """The kernels' AVX-VNNI switch (``None``: :func:`flexiq_tvm.hostcpu.avx_vnni`)."""
-    if vnni is None:
-        from flexiq_tvm.hostcpu import avx_vnni
+def _isa(isa: str | None) -> str:
+    """The kernels' ISA, validated (``None``: :func:`flexiq_tvm.hostcpu.best_isa`)."""
+    from flexiq_tvm.hostcpu import ISAS, best_isa
 
-        return avx_vnni()
-    return bool(vnni)
+    if isa is None:
+        return best_isa()
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}: one of {ISAS}")
+    return isa
+
+
+def _vnni(isa: str) -> bool:
+    """Whether ``isa`` runs both blocks on ``vpdpbusd``."""
+    return isa in ("avxvnni", "avx512vnni")
+
+
+def _q8_dtype(isa: str) -> str:
+    """The 8-bit activation codes' storage: int16 pairs for ``vpmaddwd`` (AVX2), unsigned
+    bytes for ``vpdpbusd`` (VNNI)."""
+    return "uint8" if _vnni(isa) else "int16"
+
+
+def _off8(isa: str, signed: bool) -> int:
+    """The offset stored with an 8-bit code: +128 for signed codes on VNNI (``[-127, 127]``
+    -> ``[1, 255]``: unsigned bytes), else 0."""
+    return 128 if signed and _vnni(isa) else 0
+
+
+def k_group(isa: str) -> int:
+    """Input channels per 8-bit weight group: a ``vpmaddwd`` pair or a ``vpdpbusd`` quad
+    (the padded channel count ``cpad`` is a multiple of it)."""
+    return 4 if _vnni(isa) else 2
+
+
+def pack_w8(w: np.ndarray, isa: str) -> np.ndarray:
+    """INT8 weights ``[K, O]`` (rows ``k = tap*cpad + c``, K a multiple of :func:`k_group`)
+    -> the GEMM's operand: ``[K/g, g*O]`` with the ``g`` rows of a group interleaved per
+    output (element ``g*o + r`` of group ``kg`` is ``w[g*kg + r, o]``), the operand order of
+    ``vpmaddwd`` (g = 2) and ``vpdpbusd`` (g = 4)."""
+    g = k_group(isa)
+    k, o = w.shape
+    return w.reshape(k // g, g, o).transpose(0, 2, 1).reshape(k // g, g * o)
+
+
+def corr8(w: np.ndarray, n_low: int, signed: bool, isa: str, opad: int) -> np.ndarray:
+    """int32 ``[opad]``: what the stored +128 of signed 8-bit codes adds to each output, over
+    the rows the VNNI GEMM reads at ``n_low`` (channel quads from ``n_low // 4``; the code of 0
+    is stored 128 wherever a channel is inactive, so those rows add ``128 * w`` too). ``w``:
+    the INT8 weights ``[taps, cpad, O]``. Zero on AVX2 and for unsigned codes."""
+    out = np.zeros(opad, np.int64)
+    off = _off8(isa, signed)
+    if off:
+        out[: w.shape[2]] = off * w[:, 4 * (n_low // 4):, :].astype(np.int64).sum((0, 1))
+    return out.astype(np.int32)
 
 
 def _pre4(u, s, vnni):
@@ -330,16 +386,9 @@ def _pmaddubs(a, b):
                                    a, b, dtype="int16x16")
 
 
-def _dpwssd(acc, a, b):
-    """AVX-VNNI ``vpdpwssd``: ``acc`` (int32x8) plus the sums of 16 int16 pair products
-    (exact: ``vpmaddwd`` and the add in one instruction)."""
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.256"),
-                                   acc, a, b, dtype="int32x8")
-
-
 def _dpbusd(acc, a, b):
-    """AVX-VNNI ``vpdpbusd``: ``acc`` (int32x8) plus per lane the sum of 4 (u8 x s8) products
-    (exact, no saturation)."""
+    """``vpdpbusd`` (AVX-VNNI, or AVX512-VNNI with AVX512-VL): ``acc`` (int32x8) plus per
+    lane the sum of 4 (u8 x s8) products (exact, no saturation)."""
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
                                    acc, a, b, dtype="int32x8")
 
@@ -352,44 +401,48 @@ def gemm_chunks(nob: int, npb: int, tasks: int = 8) -> int:
 
 
 def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad, layout,
-               vnni: bool | None = None):
+               isa: str | None = None):
     """Implicit-GEMM conv (a linear layer is the 1x1 case) over the codes of
     :func:`quantize_nhwc` -> acc i32 ``[n,opad,ppad]`` ("OP") or ``[n,ppad,opad]`` ("PO"),
     ``ppad = round_up(oh*ow, TP)`` (padding positions repeat the last one).
 
     ``acc[o,p] = sum_{taps, c >= n_low} q8 * w8 + sum_{chunks} (sum_{taps, slots} u4 * w4)
-    << shift - corr[o]``:
+    << shift - corr[o]``, by ISA (``isa``, default :func:`flexiq_tvm.hostcpu.best_isa`):
 
-    * 8-bit block, ``vpmaddwd`` on int16: rows ``k = tap*cpad + c``, weights ``w8`` int8
-      ``[taps*cpad/2, 2*opad]`` (row pairs interleaved per output);
-    * 4-bit block, ``vpmaddubsw`` on bytes, twice the MACs per instruction: per chunk of
-      :class:`LowLayout` quads one int16 partial sum per output and quad half, flushed by
+    * AVX2, 8-bit block: ``vpmaddwd`` on int16 codes, rows ``k = tap*cpad + c``, weights
+      ``w8`` int8 ``[taps*cpad/2, 2*opad]`` (row pairs interleaved per output,
+      :func:`pack_w8`);
+    * AVX2, 4-bit block: ``vpmaddubsw`` on bytes, twice the MACs per instruction: per chunk
+      of :class:`LowLayout` quads one int16 partial sum per output and quad half, flushed by
       ``vpmaddwd`` with ``2**shift``; ``chunks`` int32 ``[ngmax, 3]`` (first quad, quads,
       shift) for this call's ``n_low``, ``ng`` of them used; weights ``w4`` uint8
       ``[taps*slots/4, opad/16, 32]`` (two nibbles per byte, :meth:`LowLayout.pack`);
-      ``slot_wshift`` int32 ``[slots]``: each slot's weight shift
-      (:meth:`LowLayout.slot_shift`), used by the VNNI path only;
-    * ``corr`` int32 ``[opad]`` removes the +8 offset of signed 4-bit activations (zero for
-      unsigned ones; :meth:`LowLayout.correction`).
+    * VNNI (``avxvnni``, ``avx512vnni``): both blocks on ``vpdpbusd`` (u8 x s8, four products
+      per int32 lane, exact), straight into the int32 tile. The 8-bit codes are unsigned bytes
+      (signed ones stored +128, removed by :func:`corr8`), weights ``w8`` int8
+      ``[taps*cpad/4, 4*opad]`` (row quads interleaved); the 4-bit operands are pre-shifted
+      (``slot_wshift`` int32 ``[slots]``: each slot's weight shift,
+      :meth:`LowLayout.slot_shift`), so their products come out on the INT8 scale. Per
+      instruction the two blocks do the same MACs: on VNNI the 4-bit block saves only bytes;
+    * ``corr`` int32 ``[opad]`` removes the stored offsets of signed activations (+8 of the
+      4-bit codes, :meth:`LowLayout.correction`, and on VNNI +128 of the 8-bit ones).
 
     A channel of one block holds the code of 0 in the other block's activation buffer, so the
-    weight panels need no masking: each parallel task widens one 16-output panel of each block
-    once, then runs register tiles of ``TP`` positions x 16 outputs.
-
-    ``vnni`` (default: :func:`flexiq_tvm.hostcpu.avx_vnni`, the build target must then have
-    ``+avxvnni``): the 8-bit block on ``vpdpwssd`` (the multiply and the add in one
-    instruction), the 4-bit block on ``vpdpbusd`` into int32 chunk sums, which are shifted and
-    added at the flush. The 4-bit block still does twice the MACs per instruction: 8-bit codes
-    span [-127, 255] and need int16 lanes.
+    weight panels need no masking: each parallel task copies (widens) one 16-output panel of
+    each block once, then runs register tiles of ``TP`` positions x 16 outputs.
     """
-    vnni = _vnni(vnni)
-    if opad % TO or cpad % 2 or slots % 4:
-        raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (even), "
+    isa = _isa(isa)
+    vnni = _vnni(isa)
+    g8 = k_group(isa)
+    if opad % TO or cpad % g8 or slots % 4:
+        raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (x{g8}), "
                          f"slots={slots} (x4)")
+    d8 = _q8_dtype(isa)
+    p8 = "int8" if vnni else "int16"  # the 8-bit weight panel: bytes, or widened to int16
     sh, sw = stride
     dh, dw = dil
     kk = kh * kw
-    ch = cpad // 2
+    ch = cpad // g8  # 8-bit weight groups (pairs or quads) per tap
     nq = slots // 4
     p_real = oh * ow
     ppad = _round_up(p_real, TP)
@@ -407,9 +460,9 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
         return (tile // npb * hp + p // ow * sh) * wp + p % ow * sw
 
     @T.prim_func(private=True, s_tir=True)
-    def mixed_gemm(q8: T.Buffer((n, hp, wp, cpad), "int16"),
+    def mixed_gemm(q8: T.Buffer((n, hp, wp, cpad), d8),
                    q4: T.Buffer((n, hp, wp, slots), "uint8"),
-                   w8: T.Buffer((kk * ch, 2 * opad), "int8"),
+                   w8: T.Buffer((kk * ch, g8 * opad), "int8"),
                    w4: T.Buffer((kk * nq, nob, 2 * TO), "uint8"),
                    slot_wshift: T.Buffer((slots,), "int32"),
                    chunks: T.Buffer((ngmax, 3), "int32"), ng: T.int32,
@@ -417,13 +470,13 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                    acc: T.Buffer(out_shape, "int32")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
-            q8f = T.decl_buffer((n * hp * wp * cpad,), "int16", data=q8.data)
+            q8f = T.decl_buffer((n * hp * wp * cpad,), d8, data=q8.data)
             q4f = T.decl_buffer((n * hp * wp * slots,), "uint8", data=q4.data)
             for t in T.parallel(nob * nchunk):
                 # decl_buffer, not alloc_buffer: TVM would compact an alloc_buffer to the
                 # region it sees accessed, and the n_low-dependent loop bounds make that
                 # region (and the re-indexing) wrong
-                panel8 = T.decl_buffer((ch * kk, 2 * TO), "int16")
+                panel8 = T.decl_buffer((ch * kk, g8 * TO), p8)
                 panel4 = T.decl_buffer((nq * kk, 4 * TO), "int8")
                 off4 = T.decl_buffer((nq * kk,), "int64")
                 # weight panels, channel-major (row = channel pair / quad * taps + tap): the
@@ -433,9 +486,9 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                 # hold the code of 0 wherever a channel belongs to the other block, so its
                 # weight there never counts)
                 for r, cp in T.grid(kk, ch):
-                    for j in T.vectorized(2 * TO):
+                    for j in T.vectorized(g8 * TO):
                         panel8[r * ch + cp, j] = T.Cast(
-                            "int16", w8[r * ch + cp, (t // nchunk) * 2 * TO + j])
+                            p8, w8[r * ch + cp, (t // nchunk) * g8 * TO + j])
                 for qd, r in T.grid(nq, kk):
                     off4[qd * kk + r] = T.Cast(
                         "int64", ((r // kw) * dh * wp + (r % kw) * dw) * slots + 4 * qd)
@@ -470,16 +523,16 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
                                     accl[pi, hh * 8 + oi] = 0 - corr[
                                         (t // nchunk) * TO + hh * 8 + oi]
                         for ry, rx in T.grid(kh, kw):
-                            for cp in range(n_low // 2, ch):
+                            for cp in range(n_low // g8, ch):
                                 for pi in T.unroll(TP):
                                     for hh in T.unroll(2):
                                         if vnni:
-                                            accl[pi, T.ramp(hh * 8, 1, 8)] = _dpwssd(
+                                            accl[pi, T.ramp(hh * 8, 1, 8)] = _dpbusd(
                                                 accl[pi, T.ramp(hh * 8, 1, 8)], _splat(
                                                     q8f, pix8[pi] + (ry * dh * wp + rx * dw)
-                                                    * cpad + 2 * cp, 2, "int16x16"),
+                                                    * cpad + 4 * cp, 4, "uint8x32"),
                                                 panel8[(ry * kw + rx) * ch + cp,
-                                                       T.ramp(hh * 16, 1, 16)])
+                                                       T.ramp(hh * 32, 1, 32)])
                                         else:
                                             accl[pi, T.ramp(hh * 8, 1, 8)] = accl[
                                                 pi, T.ramp(hh * 8, 1, 8)] + _pmadd(_splat(
@@ -697,25 +750,43 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
     return mixed_grouped_conv
 
 
-def _scheduled(builder):
+def _scheduled(builder, isa=None, module_isa=None):
     """Mark the kernels ``builder`` makes as hand-scheduled: ScheduleInjective and
-    MetaSchedule (``flexiq-tvm tune``) leave them as they are."""
+    MetaSchedule (``flexiq-tvm tune``) leave them as they are. ``isa`` is passed on to the
+    builder; ``module_isa`` marks an integer-only kernel that is built in the module of that
+    ISA's kernel target (attribute ``flexiq.isa``, :func:`flexiq_tvm.schedules.llvm.build`)."""
 
     def build(*args, **kwargs):
-        return builder(*args, **kwargs).with_attr("flexiq.scheduled", True)
+        if isa is not None:
+            kwargs.setdefault("isa", isa)
+        f = builder(*args, **kwargs).with_attr("flexiq.scheduled", True)
+        if module_isa is not None:
+            f = f.with_attr("flexiq.isa", kwargs.get("isa", module_isa))
+        return f
 
     build.__name__ = builder.__name__
     build.__doc__ = builder.__doc__
     return build
 
 
-KERNELS = {
-    "gemm_tiles": (TO, TP),
-    "quantize_nhwc": _scheduled(quantize_nhwc),
-    "quantize_rows": _scheduled(quantize_rows),
-    "mixed_gemm": _scheduled(mixed_gemm),
-    "low_layout": LowLayout,
-    "dequantize": _scheduled(dequantize),
-    "quantize_padded": _scheduled(quantize_padded),
-    "mixed_grouped_conv": _scheduled(mixed_grouped_conv),
-}
+def kernels(isa: str | None = None) -> dict:
+    """The llvm kernel library for ``isa`` (default: :func:`flexiq_tvm.hostcpu.best_isa`, read
+    now): kernel generators by name, ``"gemm_tiles"`` (the output and position multiples the
+    GEMM operands are padded to), and the ISA's 8-bit operand layout (``"q8_dtype"``,
+    ``"k_group"``, ``"pack_w8"``, ``"corr8"``)."""
+    isa = _isa(isa)
+    return {
+        "isa": isa,
+        "gemm_tiles": (TO, TP),
+        "q8_dtype": _q8_dtype(isa),
+        "k_group": k_group(isa),
+        "pack_w8": lambda w: pack_w8(w, isa),
+        "corr8": lambda w, n_low, signed, opad: corr8(w, n_low, signed, isa, opad),
+        "quantize_nhwc": _scheduled(quantize_nhwc, isa),
+        "quantize_rows": _scheduled(quantize_rows, isa),
+        "mixed_gemm": _scheduled(mixed_gemm, isa, module_isa=isa),
+        "low_layout": LowLayout,
+        "dequantize": _scheduled(dequantize),
+        "quantize_padded": _scheduled(quantize_padded),
+        "mixed_grouped_conv": _scheduled(mixed_grouped_conv, module_isa=isa),
+    }

@@ -21,9 +21,9 @@ __all__ = ["NPUConfig", "build", "flexiq_npu_patterns", "partition_for_flexiq_np
 def build(mod, plan, ratios, host, config: NPUConfig | None = None, host_target=None):
     """Partition a prepared module for the NPU, run the codegen, build the host part.
 
-    ``host``: the CPU side as ``(kernels, pass_config, pipeline)`` (``schedules/llvm``'s
-    ``KERNELS``, ``PASS_CONFIG`` and ``pipeline``; passed in, since targets do not import each
-    other): layers the NPU cannot take and the FP32 rest run there.
+    ``host``: the CPU side as ``(kernels, build)`` (``schedules/llvm``'s ``kernels(isa)`` and
+    ``build``; passed in, since targets do not import each other): layers the NPU cannot take
+    and the FP32 rest run there.
 
     Returns ``(executable, info)``; ``info`` lists the programs (symbol, pattern, plan layer,
     bytes) and names the ratio-switch and stats functions of the NPU module.
@@ -35,7 +35,7 @@ def build(mod, plan, ratios, host, config: NPUConfig | None = None, host_target=
     from ...frontend import default_llvm_target
     from . import codegen
 
-    kernels, pass_config, cpu_pipeline = host
+    kernels, cpu_build = host
     config = config or NPUConfig()
     mod = partition_for_flexiq_npu(mod, plan, config)
     # plan layers the NPU cannot take (input over ABUF, no pattern) still run FlexiQ, on the
@@ -55,8 +55,7 @@ def build(mod, plan, ratios, host, config: NPUConfig | None = None, host_target=
     if not state.programs:
         raise ValueError("no layer of the model could be offloaded to flexiq_npu")
     tgt = host_target or tvm.target.Target(default_llvm_target())
-    with tvm.transform.PassContext(opt_level=3, config=pass_config):
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    ex = cpu_build(mod, tgt)
     info = {"programs": state.programs, "set_ratio": f"flexiq_npu_set_ratio_{state.tag}",
             "stats": f"flexiq_npu_stats_{state.tag}",
             "entry": None if host else "main",  # None: one variant per ratio

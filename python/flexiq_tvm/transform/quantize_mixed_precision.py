@@ -33,13 +33,6 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def interleave_pairs(w: np.ndarray) -> np.ndarray:
-    """``[K, O]`` (K even) -> ``[K/2, 2*O]``: row pairs interleaved per output, the operand
-    order of ``vpmaddwd`` (element ``2*o + r`` of pair ``kp`` is ``w[2*kp + r, o]``)."""
-    k, o = w.shape
-    return w.reshape(k // 2, 2, o).transpose(0, 2, 1).reshape(k // 2, 2 * o)
-
-
 def pack_int4_flat(codes: np.ndarray) -> np.ndarray:
     """4-bit codes (any shape) -> uint8, element ``i`` in byte ``i // 2``, nibble ``i % 2``."""
     flat = (codes.reshape(-1).astype(np.int32) & 15).astype(np.uint8)
@@ -80,9 +73,10 @@ class MixedPrecisionLowering:
     ----------
     plan : QuantPlan
     kernels : dict
-        The target's kernel library (e.g. ``flexiq_tvm.schedules.llvm.KERNELS``): kernel
-        generators by name plus ``"gemm_tiles"``, the ``(outputs, positions)`` multiples the
-        GEMM operands are padded to.
+        The target's kernel library (e.g. ``flexiq_tvm.schedules.llvm.kernels("avx2")``):
+        kernel generators by name plus ``"gemm_tiles"``, the ``(outputs, positions)``
+        multiples the GEMM operands are padded to, and the 8-bit operand layout of its ISA
+        (``"q8_dtype"``, ``"k_group"``, ``"pack_w8"``, ``"corr8"``).
     ratios : sequence of float, optional
         Ratios to emit (default: all of the plan's).
     expose_layers : bool
@@ -193,13 +187,13 @@ class MixedPrecisionLowering:
             hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
             stride = tuple(int(v) for v in a.strides)
             dil = tuple(int(v) for v in a.dilation)
-            cpad = _round_up(c, 2)
+            cpad = _round_up(c, k["k_group"])
         else:  # a linear layer: a 1x1 conv over the m rows
             c = layer.x_shape[-1]
             n, kh, kw, stride, dil = 1, 1, 1, (1, 1), (1, 1)
             oh, ow = 1, int(np.prod(layer.x_shape[:-1]))
             hp, wp = 1, ow
-            cpad = _round_up(c, 2)
+            cpad = _round_up(c, k["k_group"])
         kk = kh * kw
         p = oh * ow
         ppad = _round_up(p, tp)
@@ -221,10 +215,13 @@ class MixedPrecisionLowering:
         gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout,
                                                  layer.y_shape),
                                  f"{name}_dequantize")
-        # 8-bit rows k = (ky*kw + kx)*cpad + c, row pairs interleaved per output
+        # 8-bit rows k = (ky*kw + kx)*cpad + c, row pairs (quads on VNNI) interleaved per output
         w_rc = np.zeros((kh, kw, cpad, opad), np.int8)
         w_rc[:, :, :c, :o] = layer.codes.reshape(o, c, kh, kw).transpose(2, 3, 1, 0)
-        consts["w8"] = relax.const(interleave_pairs(w_rc.reshape(kk * cpad, opad)), "int8")
+        consts["w8"] = relax.const(k["pack_w8"](w_rc.reshape(kk * cpad, opad)), "int8")
+        layer.w8taps = w_rc.reshape(kk, cpad, opad)[:, :, :o]
+        layer.q8_dtype = k["q8_dtype"]
+        layer.corr8 = k["corr8"]
         # 4-bit codes [taps, c, o] in the kernel's slot layout, two per byte
         layer.w4taps = w4codes.reshape(o, c, kk).transpose(2, 1, 0)
         consts["w4"] = relax.const(low.pack(layer.w4taps, opad), "uint8")
@@ -238,7 +235,8 @@ class MixedPrecisionLowering:
     @staticmethod
     def _variant_consts(layer, n_low):
         """Per-ratio operands of the GEMM kernel: the 4-bit chunk table, its length, and the
-        offset correction of signed 4-bit activations."""
+        offset correction of signed activations (the +8 of their 4-bit codes, and on VNNI the
+        +128 of their 8-bit codes)."""
         low, geo = layer.low, layer.geo
         rows = low.chunks(n_low)
         ng = int((rows[:, 1] > 0).sum())
@@ -247,7 +245,8 @@ class MixedPrecisionLowering:
         corr = np.zeros(geo["opad"], np.int32)
         if layer.lp.act_signed and n_low:
             corr = low.correction(layer.w4taps, layer.sa + layer.sw, n_low, geo["opad"])
-        return relax.const(table, "int32"), ng, relax.const(corr, "int32")
+        corr = corr + layer.corr8(layer.w8taps, n_low, bool(layer.lp.act_signed), geo["opad"])
+        return relax.const(table, "int32"), ng, relax.const(corr.astype(np.int32), "int32")
 
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
         geo = layer.geo
@@ -266,7 +265,7 @@ class MixedPrecisionLowering:
         xin = x if kind == g.CONV else bb.emit(relax.op.reshape(x, (geo["p"], geo["c"])))
         qq = bb.emit(relax.call_tir(
             gvs["q"], (xin, consts["sa"], consts["slot_chan"], nl),
-            [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), "int16"),
+            [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), layer.q8_dtype),
              relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["slots"]), "uint8")]))
         q8 = bb.emit(relax.TupleGetItem(qq, 0))
         q4 = bb.emit(relax.TupleGetItem(qq, 1))
