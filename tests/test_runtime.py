@@ -134,14 +134,14 @@ def test_bad_artifacts_are_refused_before_loading(compiled, signed, tmp_path, ca
         raw = bytearray(signed.read_bytes())
         raw[16] = ord("#")  # the header's opening brace: no longer JSON
         dst.write_bytes(bytes(raw))
-    elif case == "cpu_lacks_features":  # built with AVX-VNNI kernels, loaded on a CPU without
+    elif case == "cpu_lacks_features":  # built with VNNI kernels, loaded on a CPU without
         from flexiq_tvm import hostcpu
 
         def vnni_target(h):
-            t = h["metadata"]["target"]
+            t = h["metadata"]["kernel_target"]
             t = dict(json.loads(t) if isinstance(t, str) else t)
-            t["mattr"] = [a for a in t.get("mattr", []) if a != "+avxvnni"] + ["+avxvnni"]
-            h["metadata"]["target"] = t
+            t["mattr"] = hostcpu.kernel_mattr("avx512vnni")
+            h["metadata"]["kernel_target"] = t
 
         _rewrite(signed, dst, mutate_header=vnni_target, resign=True, key=KEY)
         monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2"}))
@@ -199,12 +199,35 @@ def test_missing_cpu_features_are_read_from_the_target(monkeypatch):
     assert hostcpu.missing_features(json.dumps(t)) == ["avxvnni"]
     assert hostcpu.missing_features({"kind": "llvm", "mattr": ["-fma"]}) == []
     assert hostcpu.missing_features("flexiq_npu") == [] and hostcpu.missing_features(None) == []
+    t512 = {"kind": "llvm", "mattr": hostcpu.kernel_mattr("avx512vnni")}
+    assert hostcpu.missing_features(t512) == ["avx512f", "avx512bw", "avx512vl", "avx512vnni"]
     monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
     assert hostcpu.missing_features(t) == []
     monkeypatch.setenv("FLEXIQ_AVXVNNI", "0")
-    assert not hostcpu.avx_vnni()
+    assert not hostcpu.avx_vnni() and hostcpu.best_isa() == "avx2"
     monkeypatch.setenv("FLEXIQ_AVXVNNI", "1")
-    assert hostcpu.avx_vnni() == (platform.machine() in ("x86_64", "AMD64"))
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    assert hostcpu.avx_vnni() == x86
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISAs")
+def test_the_best_isa_follows_the_cpu_and_a_missing_one_is_one_clear_error(monkeypatch):
+    from flexiq_tvm import hostcpu
+
+    avx512 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    for flags, best in [({"avx2"}, "avx2"), ({"avx2", "avx_vnni"}, "avxvnni"),
+                        (avx512, "avx512vnni"), (avx512 | {"avx_vnni"}, "avx512vnni")]:
+        monkeypatch.setattr(hostcpu, "cpu_flags", lambda f=flags: frozenset(f))
+        assert hostcpu.best_isa() == best and hostcpu.check_isa(None) == best
+    assert hostcpu.check_isa("AVX-512-VNNI") == "avx512vnni"  # spelling is forgiven
+    monkeypatch.setenv("FLEXIQ_ISA", "avx2")
+    assert hostcpu.best_isa() == "avx2"
+    monkeypatch.setattr(hostcpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(ValueError, match=r"isa=avx512vnni: this CPU lacks avx512f, avx512bw, "
+                                         r"avx512vl, avx512_vnni \(it runs: avx2\)"):
+        hostcpu.check_isa("avx512vnni")
+    with pytest.raises(ValueError, match=r"isa='sse': choose one of avx2, avxvnni, avx512vnni"):
+        hostcpu.check_isa("sse")
 
 
 def test_export_and_load_are_quiet_and_a_loaded_artifact_exports_again(compiled, signed,

@@ -8,14 +8,19 @@ median of repeated runs after warm-up, with every system using all of the machin
   quantization (per-channel INT8 weights, UINT8 activations calibrated on the model's
   calibration images) by ``onnxruntime.quantization.quantize_static``;
 * ``tvm-fp32``: TVM's default Relax pipeline on the same graph (unscheduled conv2d);
-* ``flexiq-llvm``: :func:`flexiq_tvm.compile` (static selection), one row per ratio.
+* ``flexiq-llvm``: :func:`flexiq_tvm.compile` (static selection), one row per ratio and
+  kernel ISA (``isa``): the host's best, and beside it the AVX2 build where the best is a
+  VNNI one (the honest stand-in for an AVX2-only CPU, :func:`isas_to_bench`).
 
 ``peak_mem_mb`` is the largest resident-set growth of the process while a system is built and
 run once, sampled every millisecond (the build's transient memory included); the timed runs
 come after, without the sampler. Kernel rows time one FlexiQ GEMM kernel on random codes;
 ``switch_us`` is the cost of ``set_ratio``.
 JSON keys (DESIGN.md): ``{"machine", "rows": [{"model", "batch", "system", "ratio",
-"median_ms", "peak_mem_mb"}], "kernels": [{"name", "ratio", "median_us"}], "switch_us"}``.
+"median_ms", "peak_mem_mb"}], "kernels": [{"name", "ratio", "median_us"}], "switch_us"}``,
+plus ``isa`` on every FlexiQ row and kernel (``null`` for the peers) and ``isas`` (the ISAs
+run, the host's best first; the summary's ratio figures are the best ISA's, ``by_isa`` has
+each one's).
 """
 
 from __future__ import annotations
@@ -41,13 +46,13 @@ PEERS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "tvm-fp32")
 
 def machine() -> dict:
     """CPU model, cores and the SIMD features the kernels care about."""
-    from .hostcpu import avx_vnni, cpu_flags, cpu_model
+    from .hostcpu import best_isa, cpu_flags, cpu_model
 
     flags = cpu_flags()
     return {"platform": platform.platform(), "cores": os.cpu_count(), "cpu": cpu_model(),
-            "simd": sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-                                       "avx_vnni") if f in flags),
-            "kernels": "avx-vnni" if avx_vnni() else "avx2"}
+            "simd": sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                       "avx512_vnni", "avx_vnni", "amx_int8") if f in flags),
+            "kernels": best_isa()}
 
 
 class PeakRSS:
@@ -143,8 +148,11 @@ def _ort_session(path: Path):
 
 
 def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repeat: int = 20,
-                systems=(*PEERS, "flexiq-llvm"), tvm_repeat: int = 3) -> tuple[list, float]:
-    """Rows for one model and batch size; also the ratio-switch cost (µs) of its module."""
+                systems=(*PEERS, "flexiq-llvm"), tvm_repeat: int = 3,
+                isas=None) -> tuple[list, float]:
+    """Rows for one model and batch size; also the ratio-switch cost (µs) of its module (the
+    best ISA's). ``isas``: the kernel ISAs FlexiQ is built for (default
+    :func:`isas_to_bench`)."""
     import torch
 
     import flexiq_tvm
@@ -163,10 +171,10 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
     calib = load_calibration(name, 32)
     rows, switch = [], float("nan")
 
-    def row(system, ratio, ms, mem):
+    def row(system, ratio, ms, mem, isa=None):
         rows.append({"model": name, "batch": batch, "system": system, "ratio": ratio,
-                     "median_ms": ms, "peak_mem_mb": mem})
-        log.info("%s b%d %s %s: %.3f ms (peak +%.1f MB)", name, batch, system,
+                     "median_ms": ms, "peak_mem_mb": mem, "isa": isa})
+        log.info("%s b%d %s %s %s: %.3f ms (peak +%.1f MB)", name, batch, system, isa or "",
                  "" if ratio is None else f"r{ratio:g}", ms, mem)
 
     threads = os.cpu_count() or 1
@@ -204,18 +212,20 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
         if "flexiq-llvm" in systems:
             cfg = FlexiQConfig(selection="static", calib_images=32, ratios=tuple(ratios))
             plan = quantize(model, calib, cfg, model_name=name, progress=False)
-            with PeakRSS() as m:
-                cm = flexiq_tvm.compile(model, x, plan=plan, config=cfg)
-                cm(x)
-            # a warm pass over every ratio first: right after the build the first variant
-            # timed otherwise reads slow (up to 1.4x at batch 1)
-            for r in cm.ratios:
-                median_ms(lambda r=r: cm(x, ratio=r), repeat=1, warmup=3)
-            for r in cm.ratios:
-                cm.set_ratio(r)
-                ms = median_ms(lambda: cm(x), repeat)
-                row("flexiq-llvm", r, ms, m.mb)
-            switch = switch_us(cm)
+            for k, isa in enumerate(isas or isas_to_bench()):
+                with PeakRSS() as m:
+                    cm = flexiq_tvm.compile(model, x, plan=plan, config=cfg, isa=isa)
+                    cm(x)
+                # a warm pass over every ratio first: right after the build the first variant
+                # timed otherwise reads slow (up to 1.4x at batch 1)
+                for r in cm.ratios:
+                    median_ms(lambda r=r, cm=cm: cm(x, ratio=r), repeat=1, warmup=3)
+                for r in cm.ratios:
+                    cm.set_ratio(r)
+                    ms = median_ms(lambda cm=cm: cm(x), repeat)
+                    row("flexiq-llvm", r, ms, m.mb, isa)
+                if k == 0:
+                    switch = switch_us(cm)
     return rows, switch
 
 
@@ -309,15 +319,18 @@ def _bench_kernels(isa, ratios, number, repeat) -> list[dict]:
 
 
 def run(models=DEFAULT_MODELS, batches=(1, 32), ratios=(0.0, 0.25, 0.5, 0.75, 1.0),
-        repeat: int = 20, systems=(*PEERS, "flexiq-llvm"), kernels: bool = True) -> dict:
-    """The whole benchmark as the DESIGN.md ``bench`` document."""
-    doc = {"machine": machine(), "rows": [], "kernels": [], "switch_us": None}
+        repeat: int = 20, systems=(*PEERS, "flexiq-llvm"), kernels: bool = True,
+        isas=None) -> dict:
+    """The whole benchmark as the DESIGN.md ``bench`` document; FlexiQ for each of ``isas``
+    (default :func:`isas_to_bench`; the first is the one the summary compares)."""
+    isas = list(isas or isas_to_bench())
+    doc = {"machine": machine(), "rows": [], "kernels": [], "switch_us": None, "isas": isas}
     switches = []
     if kernels:
-        doc["kernels"] = bench_kernels()
+        doc["kernels"] = bench_kernels(isas=isas)
     for name in models:
         for b in batches:
-            rows, sw = bench_model(name, b, ratios, repeat, systems)
+            rows, sw = bench_model(name, b, ratios, repeat, systems, isas=isas)
             doc["rows"].extend(rows)
             if sw == sw:  # not NaN
                 switches.append(sw)
@@ -332,26 +345,39 @@ def summarize(doc: dict) -> dict:
     each peer's time over FlexiQ's at ratios 0 and 1 (> 1: FlexiQ faster); kernel speedups."""
     out: dict = {"models": [], "kernels": []}
     keys = sorted({(r["model"], r["batch"]) for r in doc["rows"]})
-    for model, batch in keys:
-        rs = [r for r in doc["rows"] if r["model"] == model and r["batch"] == batch]
-        fq = {r["ratio"]: r["median_ms"] for r in rs if r["system"] == "flexiq-llvm"}
-        peers = {r["system"]: r["median_ms"] for r in rs if r["system"] != "flexiq-llvm"}
-        entry = {"model": model, "batch": batch}
+    isas = doc.get("isas") or sorted({r.get("isa") for r in doc["rows"]
+                                      if r["system"] == "flexiq-llvm"} - {None}) or [None]
+
+    def figures(fq, peers):
+        entry = {}
         if 0.0 in fq:
             entry["speedup_vs_r0"] = {f"{k:g}": fq[0.0] / v for k, v in fq.items()}
             for lab, r in (("r0", 0.0), ("r1", 1.0)):
                 if r in fq:
                     entry[f"peer_over_{lab}"] = {p: t / fq[r] for p, t in peers.items()}
+        return entry
+
+    for model, batch in keys:
+        rs = [r for r in doc["rows"] if r["model"] == model and r["batch"] == batch]
+        peers = {r["system"]: r["median_ms"] for r in rs if r["system"] != "flexiq-llvm"}
+        by_isa = {}
+        for isa in isas:
+            fq = {r["ratio"]: r["median_ms"] for r in rs
+                  if r["system"] == "flexiq-llvm" and r.get("isa") in (isa, None)}
+            by_isa[isa] = figures(fq, peers)
+        entry = {"model": model, "batch": batch, **by_isa[isas[0]]}
+        if len(isas) > 1:
+            entry["by_isa"] = by_isa
         if peers:
             entry["fastest_peer"] = min(peers, key=peers.get)
         out["models"].append(entry)
     kern = {}
     for k in doc.get("kernels", []):
-        kern.setdefault(k["name"], {})[k["ratio"]] = k["median_us"]
-    for name, t in kern.items():
+        kern.setdefault((k["name"], k.get("isa")), {})[k["ratio"]] = k["median_us"]
+    for (name, isa), t in kern.items():
         if 0.0 in t:
-            out["kernels"].append({"name": name, **{f"speedup_r{r:g}": t[0.0] / v
-                                                    for r, v in t.items()}})
+            out["kernels"].append({"name": name, "isa": isa,
+                                   **{f"speedup_r{r:g}": t[0.0] / v for r, v in t.items()}})
     return out
 
 
@@ -359,15 +385,16 @@ def print_bench(doc: dict) -> None:
     m = doc["machine"]
     print(f"machine: {m.get('cpu', '?')}, {m.get('cores')} cores, {' '.join(m.get('simd', []))}")
     if doc["kernels"]:
-        print(f"  {'kernel':<24} {'ratio':>5} {'us':>10} {'GMAC/s':>8}")
+        print(f"  {'kernel':<24} {'isa':<11} {'ratio':>5} {'us':>10} {'GMAC/s':>8}")
         for k in doc["kernels"]:
-            print(f"  {k['name']:<24} {k['ratio']:>5g} {k['median_us']:>10.1f} "
-                  f"{k['gmacs']:>8.1f}")
-    print(f"  {'model':<28} {'batch':>5} {'system':<18} {'ratio':>5} {'ms':>10} {'+MB':>7}")
+            print(f"  {k['name']:<24} {k.get('isa') or '-':<11} {k['ratio']:>5g} "
+                  f"{k['median_us']:>10.1f} {k['gmacs']:>8.1f}")
+    print(f"  {'model':<28} {'batch':>5} {'system':<18} {'isa':<11} {'ratio':>5} {'ms':>10} "
+          f"{'+MB':>7}")
     for r in doc["rows"]:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:g}"
-        print(f"  {r['model']:<28} {r['batch']:>5} {r['system']:<18} {ratio:>5} "
-              f"{r['median_ms']:>10.3f} {r['peak_mem_mb']:>7.1f}")
+        print(f"  {r['model']:<28} {r['batch']:>5} {r['system']:<18} {r.get('isa') or '-':<11} "
+              f"{ratio:>5} {r['median_ms']:>10.3f} {r['peak_mem_mb']:>7.1f}")
     if doc.get("switch_us") is not None:
         print(f"  ratio switch (set_ratio): {doc['switch_us']:.2f} us")
     for e in doc.get("summary", {}).get("models", []):

@@ -234,13 +234,14 @@ def cmd_bench(args) -> int:
         if m not in _models():
             raise ValueError(f"unknown model {m!r}; choose from {_models()}")
     batches = tuple(int(b) for b in args.batches.split(","))
+    isas = args.isa or bench.isas_to_bench()
     if args.kernels_only:
-        doc = {"machine": bench.machine(), "rows": [], "kernels": bench.bench_kernels(),
-               "switch_us": None}
+        doc = {"machine": bench.machine(), "rows": [], "isas": isas,
+               "kernels": bench.bench_kernels(isas=isas), "switch_us": None}
         doc["summary"] = bench.summarize(doc)
     else:
         doc = bench.run(models, batches, repeat=args.repeat, systems=systems,
-                        kernels=not args.no_kernels)
+                        kernels=not args.no_kernels, isas=isas)
     bench.print_bench(doc)
     _write_json(doc, args.json)
     return 0
@@ -484,6 +485,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
                    help="llvm (this CPU), flexiq_npu (the simulated NPU through BYOC) or cuda "
                    "(this machine's GPU, with --arch)")
     c.add_argument("--arch", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90)")
+    _add_isa_arg(c)
     c.add_argument("--limit", type=int, default=1000, help="test images per ratio")
     c.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     c.set_defaults(func=cmd_compile)
@@ -504,6 +506,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     b.add_argument("--batches", default="1,32", help="comma list of batch sizes (default 1,32)")
     b.add_argument("--systems", help="comma list of systems to run (default all)")
     b.add_argument("--repeat", type=int, default=20, help="timed runs per figure (default 20)")
+    _add_isa_arg(b, many=True)
     b.add_argument("--kernels-only", action="store_true", help="only the kernel timings")
     b.add_argument("--no-kernels", action="store_true", help="skip the kernel timings")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON here")
@@ -566,6 +569,7 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     lt.add_argument("--slo-ms", type=float, help="default: 2x the INT8 p50 at the base rate")
     lt.add_argument("--threads", type=int, help="TVM threads of the server's inference worker "
                     "(default: every CPU but one); the profile sizing the trace uses the same")
+    _add_isa_arg(lt)
     lt.add_argument("--plot", metavar="PNG", help="write the load / ratio / latency plot here")
     lt.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     lt.set_defaults(func=cmd_loadtest)
@@ -630,6 +634,31 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     return p
 
 
+def _add_isa_arg(p, many: bool = False) -> None:
+    p.add_argument("--isa", help=("comma list of " if many else "") + "CPU kernel ISA"
+                   + ("s to build FlexiQ for" if many else "") + ": avx2, avxvnni, avx512vnni "
+                   "(default: " + ("this CPU's best, and avx2 beside it" if many else
+                                   "the fastest this CPU has") + ")")
+
+
+def _apply_isa(args) -> None:
+    """``--isa`` checked against this CPU; a single one is passed on to every compile of
+    this process as ``FLEXIQ_ISA`` (bench takes its list itself)."""
+    from . import hostcpu
+
+    value = getattr(args, "isa", None)
+    if not value:
+        return
+    isas = [hostcpu.check_isa(v) for v in value.split(",") if v.strip()]
+    if not isas:
+        raise ValueError(f"--isa {value!r}: no ISA given")
+    args.isa = isas
+    if len(isas) == 1:
+        os.environ["FLEXIQ_ISA"] = isas[0]
+    elif args.command != "bench":
+        raise ValueError(f"--isa {value}: one ISA here (bench takes a list)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -640,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     from .zoo.data import DataUnavailableError
 
     try:
+        _apply_isa(args)
         return args.func(args)
     except (DataUnavailableError, ArtifactError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError, ValueError, ImportError) as e:

@@ -140,12 +140,13 @@ def read_verified(path, key=None) -> tuple[dict, bytes]:
     meta = header.get("metadata", {})
     target = meta.get("target")
     host = target.get("host") if isinstance(target, dict) else None
-    lacking = (missing_features(target) + missing_features(meta.get("host_target"))
-               + missing_features(host))
+    lacking = list(dict.fromkeys(
+        missing_features(target) + missing_features(meta.get("host_target"))
+        + missing_features(host) + missing_features(meta.get("kernel_target"))))
     if lacking:
         raise ArtifactError(f"{path}: compiled for CPU features this machine lacks "
-                            f"({', '.join(lacking)}): recompile here, or on the build machine "
-                            "with FLEXIQ_AVXVNNI=0")
+                            f"({', '.join(lacking)}; kernels: {meta.get('isa') or '?'}): "
+                            "recompile here, or on the build machine with --isa avx2")
     return header, payload
 
 
