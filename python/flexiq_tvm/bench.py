@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _quiet
+from ._quiet import native_stderr
 from .runtime.module import median_ms
 
 log = logging.getLogger(__name__)
@@ -115,15 +117,23 @@ def _onnx_int8(fp32_path: Path, calib: np.ndarray, batch: int, path: Path) -> Pa
     # onnxruntime's quantizer logs "Please consider to run pre-processing before quantization"
     # on the root logger for every model: advice for models with dynamic shapes or unfused
     # ops, and an inference export like ours is already shape-inferred and optimized
+    # and "Axis 1 is out-of-range for weight ..." for every 1-D weight (layer norms) that
+    # per-channel quantization leaves per-tensor, as it should
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # its sessions' graph-cleaning chatter (warnings)
     root = logging.getLogger()
-    advice = _DropMessages("pre-processing before quantization")
-    root.addFilter(advice)
+    filters = [_DropMessages("pre-processing before quantization"),
+               _DropMessages("is out-of-range for weight")]
+    for f in filters:
+        root.addFilter(f)
     try:
         quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
     finally:
-        root.removeFilter(advice)
+        for f in filters:
+            root.removeFilter(f)
     return path
 
 
@@ -142,6 +152,7 @@ def _ort_session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: "Removing initializer ..." per unused constant
     opts.intra_op_num_threads = os.cpu_count() or 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -205,7 +216,7 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
             row("onnxruntime-int8", None, median_ms(lambda: sess.run(None, {"input": x}),
                                                     repeat), m.mb)
         if "tvm-fp32" in systems:
-            with PeakRSS() as m:
+            with PeakRSS() as m, native_stderr(_quiet.FAST_TAKE):
                 runner = frontend.build_fp32(frontend.import_model(model, x))
                 runner(x)
             row("tvm-fp32", None, median_ms(lambda: runner(x), tvm_repeat, warmup=0), m.mb)
@@ -220,13 +231,24 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
                 # timed otherwise reads slow (up to 1.4x at batch 1)
                 for r in cm.ratios:
                     median_ms(lambda r=r, cm=cm: cm(x, ratio=r), repeat=1, warmup=3)
-                for r in cm.ratios:
-                    cm.set_ratio(r)
-                    ms = median_ms(lambda cm=cm: cm(x), repeat)
+                for r, ms in interleaved_ms(cm, x, repeat).items():
                     row("flexiq-llvm", r, ms, m.mb, isa)
                 if k == 0:
                     switch = switch_us(cm)
     return rows, switch
+
+
+def interleaved_ms(cm, x, repeat: int, rounds: int = 3) -> dict:
+    """Median ms of each ratio of ``cm``, timed in ``rounds`` interleaved rounds of
+    ``repeat / rounds`` runs each (the median of the rounds' medians): on a shared machine a
+    slow spell then touches every ratio alike instead of the ratios timed during it."""
+    per = max(1, -(-repeat // rounds))
+    times: dict = {r: [] for r in cm.ratios}
+    for _ in range(rounds):
+        for r in cm.ratios:
+            cm.set_ratio(r)
+            times[r].append(median_ms(lambda: cm(x), per))
+    return {r: float(np.median(v)) for r, v in times.items()}
 
 
 def switch_us(cm, n: int = 2000) -> float:
