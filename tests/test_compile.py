@@ -61,6 +61,26 @@ def test_batched_module_is_bit_exact(plans, name, batch):
     np.testing.assert_array_equal(cm(xs[:batch], ratio=1)[1], one(xs[1:2], ratio=1)[0])
 
 
+def _other_isas():
+    from flexiq_tvm import hostcpu
+
+    best = hostcpu.best_isa()
+    return [i for i in hostcpu.ISAS if i != best and hostcpu.isa_available(i)]
+
+
+@pytest.mark.parametrize("isa", _other_isas())
+def test_every_other_isa_this_cpu_runs_is_bit_exact(plans, isa):
+    """The host's best ISA is what every other compile test runs; here the others (on a VNNI
+    machine the AVX2 build, the stand-in for an AVX2-only CPU) on a batch of 3."""
+    model, plan = plans("resnet20_fmnist")
+    _, xs, _ = load_eval_data("resnet20_fmnist", 3)
+    cm = flexiq_tvm.compile(model, xs[:3], plan=plan, expose_layers=True, isa=isa,
+                            config=FlexiQConfig(ratios=(0, 0.5, 1)))
+    assert cm.metadata["isa"] == isa and len(cm.layers) == len(plan.layers)
+    for r in cm.ratios:
+        assert oracle_mismatches(cm, xs[:3], r) == [], (isa, r)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("via", ["torch.export", "onnx"])
 @pytest.mark.parametrize("name", FMNIST[1:])
@@ -91,6 +111,8 @@ def test_api_errors(plans):
         cm(xs[:1].astype(np.float64))
     with pytest.raises(ValueError, match="target"):
         flexiq_tvm.compile(model, xs[:1], plan=plan, target="vulkan")
+    with pytest.raises(ValueError, match="isa='sse': choose one of"):
+        flexiq_tvm.compile(model, xs[:1], plan=plan, isa="sse")
     with pytest.raises(ValueError, match="plan"):
         flexiq_tvm.compile(b"not onnx", xs[:1])
     assert cm.report.weight_bytes["int8"] == sum(lp.w_codes.size for lp in plan.layers)
