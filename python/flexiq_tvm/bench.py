@@ -227,28 +227,13 @@ def bench_model(name: str, batch: int, ratios=(0.0, 0.25, 0.5, 0.75, 1.0), repea
                 with PeakRSS() as m:
                     cm = flexiq_tvm.compile(model, x, plan=plan, config=cfg, isa=isa)
                     cm(x)
-                # a warm pass over every ratio first: right after the build the first variant
-                # timed otherwise reads slow (up to 1.4x at batch 1)
-                for r in cm.ratios:
-                    median_ms(lambda r=r, cm=cm: cm(x, ratio=r), repeat=1, warmup=3)
-                for r, ms in interleaved_ms(cm, x, repeat).items():
-                    row("flexiq-llvm", r, ms, m.mb, isa)
+                # interleaved rounds after a warm pass over every ratio (right after the build
+                # the first variant timed in series read up to 1.4x slow at batch 1)
+                for r, ms in cm.profile(x, repeat=repeat).items():
+                    row("flexiq-llvm", float(r), ms, m.mb, isa)
                 if k == 0:
                     switch = switch_us(cm)
     return rows, switch
-
-
-def interleaved_ms(cm, x, repeat: int, rounds: int = 3) -> dict:
-    """Median ms of each ratio of ``cm``, timed in ``rounds`` interleaved rounds of
-    ``repeat / rounds`` runs each (the median of the rounds' medians): on a shared machine a
-    slow spell then touches every ratio alike instead of the ratios timed during it."""
-    per = max(1, -(-repeat // rounds))
-    times: dict = {r: [] for r in cm.ratios}
-    for _ in range(rounds):
-        for r in cm.ratios:
-            cm.set_ratio(r)
-            times[r].append(median_ms(lambda: cm(x), per))
-    return {r: float(np.median(v)) for r, v in times.items()}
 
 
 def switch_us(cm, n: int = 2000) -> float:

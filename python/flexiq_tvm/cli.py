@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -641,22 +642,31 @@ def _add_isa_arg(p, many: bool = False) -> None:
                                    "the fastest this CPU has") + ")")
 
 
-def _apply_isa(args) -> None:
-    """``--isa`` checked against this CPU; a single one is passed on to every compile of
-    this process as ``FLEXIQ_ISA`` (bench takes its list itself)."""
+@contextlib.contextmanager
+def _isa_override(args):
+    """``--isa`` checked against this CPU; a single one is ``FLEXIQ_ISA`` for every compile of
+    the command (bench takes its list itself), and the variable is as it was afterwards."""
     from . import hostcpu
 
     value = getattr(args, "isa", None)
     if not value:
+        yield
         return
     isas = [hostcpu.check_isa(v) for v in value.split(",") if v.strip()]
     if not isas:
         raise ValueError(f"--isa {value!r}: no ISA given")
-    args.isa = isas
-    if len(isas) == 1:
-        os.environ["FLEXIQ_ISA"] = isas[0]
-    elif args.command != "bench":
+    if len(isas) > 1 and args.command != "bench":
         raise ValueError(f"--isa {value}: one ISA here (bench takes a list)")
+    args.isa = isas
+    before = os.environ.get("FLEXIQ_ISA")
+    os.environ["FLEXIQ_ISA"] = isas[0]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FLEXIQ_ISA", None)
+        else:
+            os.environ["FLEXIQ_ISA"] = before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,8 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     from .zoo.data import DataUnavailableError
 
     try:
-        _apply_isa(args)
-        return args.func(args)
+        with _isa_override(args):
+            return args.func(args)
     except (DataUnavailableError, ArtifactError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError, ValueError, ImportError) as e:
         if args.verbose:

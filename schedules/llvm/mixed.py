@@ -28,6 +28,9 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from flexiq_tvm.hostcpu import ISAS, best_isa
+from flexiq_tvm.hostcpu import vnni as uses_vnni
+
 from ..arith import code8, extract4
 
 TO = 16  # output-channel tile (two AVX2 int32 vectors)
@@ -154,7 +157,7 @@ def quantize_rows(m, k, kpad, slots, inv, signed, isa: str | None = None):
     off = 8 if signed else 0
     kv, sv = kpad // 8 * 8, slots // 8 * 8
     isa = _isa(isa)
-    vnni = _vnni(isa)
+    vnni = uses_vnni(isa)
     d8, off8 = _q8_dtype(isa), _off8(isa, signed)
 
     def c8(x, r, ci, n_low):
@@ -219,7 +222,7 @@ def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, isa: str | None = N
 def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, isa):
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
-    vnni = _vnni(isa)
+    vnni = uses_vnni(isa)
     d8, off8 = _q8_dtype(isa), _off8(isa, signed)
     zero8 = T.Cast(d8, off8)
     pt, pb, pl, pr = pad
@@ -296,9 +299,8 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, isa):
 
 
 def _isa(isa: str | None) -> str:
-    """The kernels' ISA, validated (``None``: :func:`flexiq_tvm.hostcpu.best_isa`)."""
-    from flexiq_tvm.hostcpu import ISAS, best_isa
-
+    """The kernels' ISA, validated (``None``: :func:`flexiq_tvm.hostcpu.best_isa`). Kernels
+    of any ISA can be generated and built on any CPU; only running them needs it."""
     if isa is None:
         return best_isa()
     if isa not in ISAS:
@@ -306,27 +308,22 @@ def _isa(isa: str | None) -> str:
     return isa
 
 
-def _vnni(isa: str) -> bool:
-    """Whether ``isa`` runs both blocks on ``vpdpbusd``."""
-    return isa in ("avxvnni", "avx512vnni")
-
-
 def _q8_dtype(isa: str) -> str:
     """The 8-bit activation codes' storage: int16 pairs for ``vpmaddwd`` (AVX2), unsigned
     bytes for ``vpdpbusd`` (VNNI)."""
-    return "uint8" if _vnni(isa) else "int16"
+    return "uint8" if uses_vnni(isa) else "int16"
 
 
 def _off8(isa: str, signed: bool) -> int:
     """The offset stored with an 8-bit code: +128 for signed codes on VNNI (``[-127, 127]``
     -> ``[1, 255]``: unsigned bytes), else 0."""
-    return 128 if signed and _vnni(isa) else 0
+    return 128 if signed and uses_vnni(isa) else 0
 
 
 def k_group(isa: str) -> int:
     """Input channels per 8-bit weight group: a ``vpmaddwd`` pair or a ``vpdpbusd`` quad
     (the padded channel count ``cpad`` is a multiple of it)."""
-    return 4 if _vnni(isa) else 2
+    return 4 if uses_vnni(isa) else 2
 
 
 def pack_w8(w: np.ndarray, isa: str) -> np.ndarray:
@@ -432,7 +429,7 @@ def mixed_gemm(n, hp, wp, cpad, slots, ngmax, kh, kw, stride, dil, oh, ow, opad,
     each block once, then runs register tiles of ``TP`` positions x 16 outputs.
     """
     isa = _isa(isa)
-    vnni = _vnni(isa)
+    vnni = uses_vnni(isa)
     g8 = k_group(isa)
     if opad % TO or cpad % g8 or slots % 4:
         raise ValueError(f"mixed_gemm: opad={opad} (x{TO}), cpad={cpad} (x{g8}), "

@@ -220,8 +220,6 @@ class MixedPrecisionLowering:
         w_rc[:, :, :c, :o] = layer.codes.reshape(o, c, kh, kw).transpose(2, 3, 1, 0)
         consts["w8"] = relax.const(k["pack_w8"](w_rc.reshape(kk * cpad, opad)), "int8")
         layer.w8taps = w_rc.reshape(kk, cpad, opad)[:, :, :o]
-        layer.q8_dtype = k["q8_dtype"]
-        layer.corr8 = k["corr8"]
         # 4-bit codes [taps, c, o] in the kernel's slot layout, two per byte
         layer.w4taps = w4codes.reshape(o, c, kk).transpose(2, 1, 0)
         consts["w4"] = relax.const(low.pack(layer.w4taps, opad), "uint8")
@@ -232,8 +230,7 @@ class MixedPrecisionLowering:
                              else 0)
         return gvs, consts, layer
 
-    @staticmethod
-    def _variant_consts(layer, n_low):
+    def _variant_consts(self, layer, n_low):
         """Per-ratio operands of the GEMM kernel: the 4-bit chunk table, its length, and the
         offset correction of signed activations (the +8 of their 4-bit codes, and on VNNI the
         +128 of their 8-bit codes)."""
@@ -245,7 +242,8 @@ class MixedPrecisionLowering:
         corr = np.zeros(geo["opad"], np.int32)
         if layer.lp.act_signed and n_low:
             corr = low.correction(layer.w4taps, layer.sa + layer.sw, n_low, geo["opad"])
-        corr = corr + layer.corr8(layer.w8taps, n_low, bool(layer.lp.act_signed), geo["opad"])
+        corr = corr + self.kernels["corr8"](layer.w8taps, n_low, bool(layer.lp.act_signed),
+                                            geo["opad"])
         return relax.const(table, "int32"), ng, relax.const(corr.astype(np.int32), "int32")
 
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
@@ -263,9 +261,10 @@ class MixedPrecisionLowering:
             return relax.call_tir(gvs["deq"], (acc3, consts["mult"]),
                                   relax.TensorType(layer.y_shape, "float32")), acc
         xin = x if kind == g.CONV else bb.emit(relax.op.reshape(x, (geo["p"], geo["c"])))
+        q8_dtype = self.kernels["q8_dtype"]
         qq = bb.emit(relax.call_tir(
             gvs["q"], (xin, consts["sa"], consts["slot_chan"], nl),
-            [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), layer.q8_dtype),
+            [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), q8_dtype),
              relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["slots"]), "uint8")]))
         q8 = bb.emit(relax.TupleGetItem(qq, 0))
         q4 = bb.emit(relax.TupleGetItem(qq, 1))
