@@ -264,6 +264,10 @@ def cmd_serve(args) -> int:
         profile = worker_profile(mod, args.threads)  # as the worker will run
         policy = AdaptivePolicy(profile, args.slo_ms)
     raise_open_files_limit()  # the default connection limit follows it
+    # SIGTERM's handler is in place before the "serving" line that tells a supervisor (or a
+    # test) the server is up: a SIGTERM sent right after it must stop it cleanly, not kill it
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: done.set())
     mib = 2**20
     limits = {"max_connections": args.max_connections, "idle_timeout": args.idle_timeout,
               "header_timeout": args.header_timeout, "body_timeout": args.body_timeout,
@@ -278,8 +282,6 @@ def cmd_serve(args) -> int:
             "accurate ratio here" if policy.skipped else ""))
     print(f"serving {args.artifact} on {srv.url} (ratios {list(mod.ratios)}, {how}); "
           "Ctrl-C stops", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: done.set())
     try:
         done.wait()
     except KeyboardInterrupt:
