@@ -19,6 +19,8 @@ def code8(v, inv: float, lo, hi, exact: bool = False):
 
 
 def extract4(q, s, lo4, hi4):
-    """Effective bit extraction ``clip((q + 2**(s-1)) >> s, lo4, hi4)`` to 4 bits."""
-    return T.max(T.min(T.shift_right(q + T.if_then_else(s > 0, T.shift_left(1, s - 1), 0), s),
-                       hi4), lo4)
+    """Effective bit extraction ``clip((q + 2**(s-1)) >> s, lo4, hi4)`` to 4 bits. The rounding
+    term is ``(1 << s) >> 1`` (0 for ``s = 0``): no branch, so a vector of lanes with
+    different shifts stays a vector (TVM scalarises an ``if_then_else`` whose condition
+    varies across lanes)."""
+    return T.max(T.min(T.shift_right(q + T.shift_right(T.shift_left(1, s), 1), s), hi4), lo4)

@@ -12,7 +12,7 @@ import numpy as np
 from . import _quiet
 from ._quiet import native_stderr
 from .config import FlexiQConfig
-from .lowering import TARGETS, cuda_target, lowering, resolve_database
+from .lowering import TARGETS, cuda_target, epilogue_fusion, lowering, resolve_database
 from .plan import QuantPlan
 from .runtime.module import FlexiQModule
 
@@ -25,6 +25,8 @@ class CompileReport:
     covered: list[dict] = field(default_factory=list)
     kept_fp32: list[dict] = field(default_factory=list)
     gathers: list[str] = field(default_factory=list)
+    fused: list[dict] = field(default_factory=list)
+    unfused: list[dict] = field(default_factory=list)
     weight_bytes: dict = field(default_factory=dict)
     ratios: list[float] = field(default_factory=list)
     times_s: dict = field(default_factory=dict)
@@ -32,6 +34,7 @@ class CompileReport:
     def as_dict(self) -> dict:
         """The report as JSON types (the ``report`` key of compile's JSON and metadata)."""
         return {"covered": self.covered, "kept_fp32": self.kept_fp32, "gathers": self.gathers,
+                "fused": self.fused, "unfused": self.unfused,
                 "weight_bytes": self.weight_bytes, "ratios": self.ratios,
                 "times_s": self.times_s}
 
@@ -47,6 +50,11 @@ class CompileReport:
         ]
         lines += [f"  FP32: {k['op']} {k.get('shape')} ({k['reason']})" for k in self.kept_fp32]
         lines += [f"  gather before {g}" for g in self.gathers]
+        if self.fused or self.unfused:
+            lines.append(f"fused epilogues: {len(self.fused)} layers get their input codes "
+                         f"straight from the layer before; {len(self.unfused)} quantize "
+                         "their own input")
+            lines += [f"  unfused: {u['layer']} ({u['reason']})" for u in self.unfused]
         return "\n".join(lines)
 
 
@@ -114,7 +122,7 @@ def compile(model, example_input, calib_data=None, target="llvm",
             config: FlexiQConfig | None = None, plan: QuantPlan | None = None,
             via: str = "torch.export", expose_layers: bool = False,
             progress: bool = False, npu_config=None, database="auto",
-            isa: str | None = None) -> CompiledModule:
+            isa: str | None = None, fuse_epilogues: bool = True) -> CompiledModule:
     """Quantize (unless ``plan`` is given) and compile a model into a FlexiQ module.
 
     Parameters
@@ -156,6 +164,12 @@ def compile(model, example_input, calib_data=None, target="llvm",
         default: the fastest this CPU has (:func:`flexiq_tvm.hostcpu.best_isa`, or the
         ``FLEXIQ_ISA`` variable). One this CPU lacks is an error. An ``avx2`` build on a VNNI
         machine stands in for an AVX2-only CPU (Zen 3, older Intel).
+    fuse_epilogues
+        llvm: run each covered layer's dequantizer, the FP32 glue after it (bias, batch norm,
+        ReLU / ReLU6, residual add, a channel gather) and the next covered layer's quantizer
+        as one kernel (:class:`flexiq_tvm.transform.FuseRequantize`); bit-identical to the
+        unfused module. The report's ``fused`` / ``unfused`` list each layer. Off with
+        ``expose_layers`` (the layer inputs it exposes are the FP32 tensors fusion removes).
     """
     import tvm
 
@@ -202,6 +216,10 @@ def compile(model, example_input, calib_data=None, target="llvm",
     kept = _kept_fp32(mod)
     qpass = lowering(plan, ratios, cuda, expose_layers, isa)
     mod = qpass(mod)
+    fpass = None
+    if cuda is None and fuse_epilogues and not expose_layers:
+        fpass = epilogue_fusion(isa)
+        mod = fpass(mod)
     times["passes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cuda is not None:
@@ -217,6 +235,8 @@ def compile(model, example_input, calib_data=None, target="llvm",
             ex = llvm_build(mod, tgt, db)
     times["build"] = time.perf_counter() - t0
     report = CompileReport(ratios=ratios, times_s=times, kept_fp32=kept)
+    if fpass is not None:
+        report.fused, report.unfused = fpass.fused, fpass.fallbacks
     int8 = int4 = 0
     for L in qpass.layers:
         report.covered.append({"layer": L.lp.name, "kind": L.kind.split(".")[1],

@@ -47,6 +47,16 @@ def lowering(plan: QuantPlan, ratios, cuda=None, expose_layers: bool = False,
                                                expose_layers=expose_layers)
 
 
+def epilogue_fusion(isa: str | None = None):
+    """The pass that fuses each covered layer's dequantizer, FP32 glue and the next covered
+    layer's quantizer into one kernel (llvm, ``isa``'s kernel library): run after
+    :func:`lowering`; its ``fused`` / ``fallbacks`` say what it did."""
+    from . import transform
+    from .schedules.llvm import kernels
+
+    return transform.FuseRequantize(kernels(isa))
+
+
 def cuda_target(target):
     """The CUDA ``tvm.target.Target`` (with this machine's CPU as host) that ``target`` names,
     or ``None`` for the other targets; a CUDA target without ``arch`` is an error."""

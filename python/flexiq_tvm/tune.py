@@ -82,7 +82,7 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     import tvm
 
     from . import frontend, transform
-    from .lowering import cuda_target, lowering
+    from .lowering import cuda_target, epilogue_fusion, lowering
 
     x = np.asarray(example_input, np.float32)
     imported = frontend.import_model(model, x, via=via)
@@ -91,6 +91,8 @@ def lowered(model, example_input, plan, ratios, via: str = "torch.export", targe
     mod = transform.ReorderChannelBlocks(plan)(mod)
     cuda = cuda_target(target)
     mod = lowering(plan, ratios, cuda)(mod)
+    if cuda is None:  # the glue compile() leaves unfused is what there is to tune
+        mod = epilogue_fusion()(mod)
     if cuda is not None:
         from .schedules.cuda import pipeline as gpu
 

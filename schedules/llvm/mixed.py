@@ -220,82 +220,129 @@ def quantize_nhwc(n, c, h, w, pad, cpad, slots, inv, signed, isa: str | None = N
 
 
 def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, isa):
+    body = nhwc_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa)
+
+    @T.prim_func(private=True, s_tir=True)
+    def quantize(x: T.Buffer((n, c, h, w), "float32"), sa: T.Buffer((c,), "int32"),
+                 slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
+                 q8: T.Buffer((n, h + pad[0] + pad[1], w + pad[2] + pad[3], cpad),
+                              _q8_dtype(isa)),
+                 q4: T.Buffer((n, h + pad[0] + pad[1], w + pad[2] + pad[3], slots), "uint8")):
+        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            body(lambda nn, ci, yy, xx: x[nn, ci, yy, xx],
+                 lambda nn, ci, yy, xx: x[nn, ci, yy, xx], sa, slot_chan, n_low, q8, q4, None)
+
+    return quantize
+
+
+def nhwc_border(n, h, w, pad, cpad, slots, signed, isa):
+    """A macro ``border(by, sa, slot_chan, q8, q4)``: the code of 0 in the zero border of
+    padded row ``by`` (image ``by // hp``) of the channels-last buffers (the whole row when it
+    is a border row, else its left and right columns)."""
+    off = 8 if signed else 0
+    vnni = uses_vnni(isa)
+    zero8 = T.Cast(_q8_dtype(isa), _off8(isa, signed))
+    pt, pb, pl, pr = pad
+    hp, wp = h + pt + pb, w + pl + pr
+
+    @T.macro
+    def border(by, sa, slot_chan, q8, q4):
+        if by % hp < pt or by % hp >= pt + h:
+            for ix, ci in T.grid(wp, cpad):
+                q8[by // hp, by % hp, ix, ci] = zero8
+            for ix, si in T.grid(wp, slots):
+                q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+        else:
+            for ix, ci in T.grid(pl, cpad):
+                q8[by // hp, by % hp, ix, ci] = zero8
+            for ix, ci in T.grid(pr, cpad):
+                q8[by // hp, by % hp, pl + w + ix, ci] = zero8
+            for ix, si in T.grid(pl, slots):
+                q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+            for ix, si in T.grid(pr, slots):
+                q4[by // hp, by % hp, pl + w + ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+
+    return border
+
+
+def nhwc_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False):
+    """The loop nest of :func:`quantize_nhwc` as a TVMScript macro
+    ``body(val, src, sa, slot_chan, n_low, q8, q4, zbuf)``, shared with the fused epilogues
+    of :mod:`.requant`. ``val(nn, ci, yy, xx)`` is the float32 value of channel ``ci`` at
+    interior pixel ``(yy, xx)``: a load of the layer input, or a producer's dequantized
+    accumulator through its FP32 glue. With ``z``, each interior row's values of every channel
+    are first stored in ``zbuf`` (``[n, c, h, w]``: the FP32 tensor that other consumers
+    read) and the codes read them back through ``src``; else ``src`` is ``val`` (evaluated
+    where each code is made)."""
     lo, hi, lo4, hi4 = _act_bounds(signed)
     off = 8 if signed else 0
     vnni = uses_vnni(isa)
     d8, off8 = _q8_dtype(isa), _off8(isa, signed)
     zero8 = T.Cast(d8, off8)
-    pt, pb, pl, pr = pad
-    hp, wp = h + pt + pb, w + pl + pr
-    xshape = (n, c, h, w)
+    pt, pb, pl, _ = pad
+    hp = h + pt + pb
     vl = _row_vector(w)  # interior columns in vectors of vl lanes
     wv = w // vl * vl
 
     # per interior row: the active block's codes computed vl columns at a time (vectorised
     # float math), stored channels-last; the 8-bit buffer holds 0 for 4-bit channels and the
     # 4-bit one the code of 0 for inactive slots
-    @T.prim_func(private=True, s_tir=True)
-    def quantize(x: T.Buffer(xshape, "float32"), sa: T.Buffer((c,), "int32"),
-                 slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
-                 q8: T.Buffer((n, hp, wp, cpad), d8),
-                 q4: T.Buffer((n, hp, wp, slots), "uint8")):
-        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-        with T.sblock("root"):
-            for by in T.parallel(n * hp):
-                if by % hp < pt or by % hp >= pt + h:
-                    for ix, ci in T.grid(wp, cpad):
-                        q8[by // hp, by % hp, ix, ci] = zero8
-                    for ix, si in T.grid(wp, slots):
-                        q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
-                else:
-                    for ix, ci in T.grid(pl, cpad):
-                        q8[by // hp, by % hp, ix, ci] = zero8
-                    for ix, ci in T.grid(pr, cpad):
-                        q8[by // hp, by % hp, pl + w + ix, ci] = zero8
-                    for ix, si in T.grid(pl, slots):
-                        q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
-                    for ix, si in T.grid(pr, slots):
-                        q4[by // hp, by % hp, pl + w + ix, si] = _fill4(off, sa, slot_chan, si,
-                                                                        vnni)
-                    # only the active block's channels are computed: the rest hold the code
-                    # of 0 (the 8-bit buffer below n_low, the inactive 4-bit slots)
-                    for ci in range(n_low):
-                        for ix in range(w):
-                            q8[by // hp, by % hp, pl + ix, ci] = zero8
-                    for ci in range(n_low, cpad):
+    border = nhwc_border(n, h, w, pad, cpad, slots, signed, isa)
+
+    @T.macro
+    def body(val, src, sa, slot_chan, n_low, q8, q4, zbuf):
+        for by in T.parallel(n * hp):
+            border(by, sa, slot_chan, q8, q4)
+            if by % hp >= pt and by % hp < pt + h:
+                if z:
+                    for ci in range(c):
                         for xo in range(wv // vl):
                             for xi in T.vectorized(vl):
-                                q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
-                                    d8, T.if_then_else(ci < c, code8(
-                                        x[by // hp, T.min(ci, c - 1), by % hp - pt,
-                                          xo * vl + xi], inv, lo, hi), 0) + off8)
+                                zbuf[by // hp, ci, by % hp - pt, xo * vl + xi] = val(
+                                    by // hp, ci, by % hp - pt, xo * vl + xi)
                         for xr in range(w - wv):
-                            q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
+                            zbuf[by // hp, ci, by % hp - pt, wv + xr] = val(
+                                by // hp, ci, by % hp - pt, wv + xr)
+                # only the active block's channels are computed: the rest hold the code
+                # of 0 (the 8-bit buffer below n_low, the inactive 4-bit slots)
+                for ci in range(n_low):
+                    for ix in range(w):
+                        q8[by // hp, by % hp, pl + ix, ci] = zero8
+                for ci in range(n_low, cpad):
+                    for xo in range(wv // vl):
+                        for xi in T.vectorized(vl):
+                            q8[by // hp, by % hp, pl + xo * vl + xi, ci] = T.Cast(
                                 d8, T.if_then_else(ci < c, code8(
-                                    x[by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr],
-                                    inv, lo, hi), 0) + off8)
-                    for si in range(slots):
-                        if slot_chan[si] >= 0 and slot_chan[si] < n_low:
-                            for xo in range(wv // vl):
-                                for xi in T.vectorized(vl):
-                                    q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
-                                        "uint8", _pre4(off + extract4(code8(
-                                            x[by // hp, slot_chan[si], by % hp - pt,
-                                              xo * vl + xi], inv, lo, hi),
-                                            sa[slot_chan[si]], lo4, hi4),
-                                            sa[slot_chan[si]], vnni))
-                            for xr in range(w - wv):
-                                q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
+                                    src(by // hp, T.min(ci, c - 1), by % hp - pt,
+                                        xo * vl + xi), inv, lo, hi), 0) + off8)
+                    for xr in range(w - wv):
+                        q8[by // hp, by % hp, pl + wv + xr, ci] = T.Cast(
+                            d8, T.if_then_else(ci < c, code8(
+                                src(by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr),
+                                inv, lo, hi), 0) + off8)
+                for si in range(slots):
+                    if slot_chan[si] >= 0 and slot_chan[si] < n_low:
+                        for xo in range(wv // vl):
+                            for xi in T.vectorized(vl):
+                                q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
                                     "uint8", _pre4(off + extract4(code8(
-                                        x[by // hp, slot_chan[si], by % hp - pt, wv + xr],
+                                        src(by // hp, slot_chan[si], by % hp - pt,
+                                            xo * vl + xi),
                                         inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
                                         sa[slot_chan[si]], vnni))
-                        else:
-                            for ix in range(w):
-                                q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
-                                                                            si, vnni)
+                        for xr in range(w - wv):
+                            q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
+                                "uint8", _pre4(off + extract4(code8(
+                                    src(by // hp, slot_chan[si], by % hp - pt, wv + xr),
+                                    inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
+                                    sa[slot_chan[si]], vnni))
+                    else:
+                        for ix in range(w):
+                            q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
+                                                                        si, vnni)
 
-    return quantize
+    return body
 
 
 def _isa(isa: str | None) -> str:
@@ -641,11 +688,8 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
 
     Parallel over (image, channel) planes; the block of a plane is decided once per plane and
     its rows are vectorised (:func:`_row_vector`); only the border is zero-filled."""
-    lo, hi, lo4, hi4 = _act_bounds(signed)
-    pt, pb, pl, pr = pad
-    hp, wp = h + pt + pb, w + pl + pr
-    vl = _row_vector(w)
-    wv = w // vl * vl
+    body = padded_codes(n, c, h, w, pad, inv, signed)
+    hp, wp = h + pad[0] + pad[1], w + pad[2] + pad[3]
 
     @T.prim_func(private=True, s_tir=True)
     def quantize_padded(x: T.Buffer((n, c, h, w), "float32"), sa: T.Buffer((c,), "int32"),
@@ -653,41 +697,67 @@ def quantize_padded(n, c, h, w, pad, inv, signed):
                         n_low: T.int32, q: T.Buffer((n, c, hp, wp), "int16")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
-            for bc in T.parallel(n * c):
-                for ih, iw in T.grid(pt, wp):
-                    q[bc // c, bc % c, ih, iw] = T.int16(0)
-                for ih, iw in T.grid(pb, wp):
-                    q[bc // c, bc % c, pt + h + ih, iw] = T.int16(0)
-                for ih in range(h):
-                    for iw in range(pl):
-                        q[bc // c, bc % c, pt + ih, iw] = T.int16(0)
-                    for iw in range(pr):
-                        q[bc // c, bc % c, pt + ih, pl + w + iw] = T.int16(0)
-                if rank[bc % c] < n_low:
-                    for ih in range(h):
-                        for xo in range(wv // vl):
-                            for xi in T.vectorized(vl):
-                                q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
-                                    "int16", T.shift_left(extract4(code8(
-                                        x[bc // c, bc % c, ih, xo * vl + xi], inv, lo, hi),
-                                        sa[bc % c], lo4, hi4), st[bc % c]))
-                        for xr in range(w - wv):
-                            q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
-                                "int16", T.shift_left(extract4(code8(
-                                    x[bc // c, bc % c, ih, wv + xr], inv, lo, hi),
-                                    sa[bc % c], lo4, hi4), st[bc % c]))
-                else:
-                    for ih in range(h):
-                        for xo in range(wv // vl):
-                            for xi in T.vectorized(vl):
-                                q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
-                                    "int16", code8(x[bc // c, bc % c, ih, xo * vl + xi], inv,
-                                                    lo, hi))
-                        for xr in range(w - wv):
-                            q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
-                                "int16", code8(x[bc // c, bc % c, ih, wv + xr], inv, lo, hi))
+            body(lambda nn, ci, yy, xx: x[nn, ci, yy, xx],
+                 lambda nn, ci, yy, xx: x[nn, ci, yy, xx], sa, st, rank, n_low, q, None)
 
     return quantize_padded
+
+
+def padded_codes(n, c, h, w, pad, inv, signed, z: bool = False):
+    """The loop nest of :func:`quantize_padded` as a TVMScript macro
+    ``body(val, src, sa, st, rank, n_low, q, zbuf)``; ``val``, ``src``, ``z`` and ``zbuf`` as
+    in :func:`nhwc_codes` (with ``z`` each plane's values are stored in ``zbuf`` first)."""
+    lo, hi, lo4, hi4 = _act_bounds(signed)
+    pt, pb, pl, pr = pad
+    wp = w + pl + pr
+    vl = _row_vector(w)
+    wv = w // vl * vl
+
+    @T.macro
+    def body(val, src, sa, st, rank, n_low, q, zbuf):
+        for bc in T.parallel(n * c):
+            if z:
+                for ih in range(h):
+                    for xo in range(wv // vl):
+                        for xi in T.vectorized(vl):
+                            zbuf[bc // c, bc % c, ih, xo * vl + xi] = val(
+                                bc // c, bc % c, ih, xo * vl + xi)
+                    for xr in range(w - wv):
+                        zbuf[bc // c, bc % c, ih, wv + xr] = val(bc // c, bc % c, ih, wv + xr)
+            for ih, iw in T.grid(pt, wp):
+                q[bc // c, bc % c, ih, iw] = T.int16(0)
+            for ih, iw in T.grid(pb, wp):
+                q[bc // c, bc % c, pt + h + ih, iw] = T.int16(0)
+            for ih in range(h):
+                for iw in range(pl):
+                    q[bc // c, bc % c, pt + ih, iw] = T.int16(0)
+                for iw in range(pr):
+                    q[bc // c, bc % c, pt + ih, pl + w + iw] = T.int16(0)
+            if rank[bc % c] < n_low:
+                for ih in range(h):
+                    for xo in range(wv // vl):
+                        for xi in T.vectorized(vl):
+                            q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
+                                "int16", T.shift_left(extract4(code8(
+                                    src(bc // c, bc % c, ih, xo * vl + xi), inv, lo, hi),
+                                    sa[bc % c], lo4, hi4), st[bc % c]))
+                    for xr in range(w - wv):
+                        q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
+                            "int16", T.shift_left(extract4(code8(
+                                src(bc // c, bc % c, ih, wv + xr), inv, lo, hi),
+                                sa[bc % c], lo4, hi4), st[bc % c]))
+            else:
+                for ih in range(h):
+                    for xo in range(wv // vl):
+                        for xi in T.vectorized(vl):
+                            q[bc // c, bc % c, pt + ih, pl + xo * vl + xi] = T.Cast(
+                                "int16", code8(src(bc // c, bc % c, ih, xo * vl + xi), inv,
+                                               lo, hi))
+                    for xr in range(w - wv):
+                        q[bc // c, bc % c, pt + ih, pl + wv + xr] = T.Cast(
+                            "int16", code8(src(bc // c, bc % c, ih, wv + xr), inv, lo, hi))
+
+    return body
 
 
 def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups):
@@ -771,6 +841,8 @@ def kernels(isa: str | None = None) -> dict:
     now): kernel generators by name, ``"gemm_tiles"`` (the output and position multiples the
     GEMM operands are padded to), and the ISA's 8-bit operand layout (``"q8_dtype"``,
     ``"k_group"``, ``"pack_w8"``, ``"corr8"``)."""
+    from . import requant
+
     isa = _isa(isa)
     return {
         "isa": isa,
@@ -786,4 +858,8 @@ def kernels(isa: str | None = None) -> dict:
         "dequantize": _scheduled(dequantize),
         "quantize_padded": _scheduled(quantize_padded),
         "mixed_grouped_conv": _scheduled(mixed_grouped_conv, module_isa=isa),
+        # fused epilogues (transform.FuseRequantize): float glue, so built in the module's
+        # own target (FMA off), not the ISA's kernel target
+        "requantize_nhwc": _scheduled(requant.requantize_nhwc, isa),
+        "requantize_padded": _scheduled(requant.requantize_padded),
     }

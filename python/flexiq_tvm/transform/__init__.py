@@ -1,7 +1,8 @@
 """FlexiQ Relax passes, one per file, each a ``tvm.transform`` module pass.
 
 Order: :func:`prepare` (TVM's own clean-up passes) -> :class:`AnnotateChannelPrecision` ->
-:class:`ReorderChannelBlocks` -> :class:`QuantizeMixedPrecision`, then the target's pipeline.
+:class:`ReorderChannelBlocks` -> :class:`QuantizeMixedPrecision` (-> :class:`FuseRequantize`
+on llvm), then the target's pipeline.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from tvm import relax
 
 from ._graph import strip_composites
 from .annotate_channel_precision import AnnotateChannelPrecision
+from .fuse_requantize import FuseRequantize
 from .quantize_mixed_precision import QuantizeMixedPrecision, variant_name
 from .quantize_mixed_precision_gpu import QuantizeMixedPrecisionGPU
 from .reorder_channel_blocks import ReorderChannelBlocks
@@ -30,6 +32,7 @@ def prepare() -> tvm.transform.Pass:
 
 __all__ = [
     "AnnotateChannelPrecision",
+    "FuseRequantize",
     "QuantizeMixedPrecision",
     "QuantizeMixedPrecisionGPU",
     "ReorderChannelBlocks",

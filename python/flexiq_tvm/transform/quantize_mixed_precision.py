@@ -20,6 +20,8 @@ integer oracle).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -39,6 +41,17 @@ def pack_int4_flat(codes: np.ndarray) -> np.ndarray:
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
     return flat[0::2] | (flat[1::2] << 4)
+
+
+CODES = "_codes"  # suffix of the var a covered layer's input codes are bound to
+
+
+def _tag(func, role: str, *args, **rec):
+    """``func`` marked with its role and generator arguments (``flexiq.requant``, JSON) for
+    :class:`~.fuse_requantize.FuseRequantize`, which rebuilds fused kernels from them."""
+    args = [list(a) if isinstance(a, tuple) else a for a in args]
+    return func.with_attr("flexiq.requant", json.dumps({"role": role, "args": args, **rec},
+                                                       default=lambda v: v.item()))
 
 
 class _Layer:
@@ -159,13 +172,15 @@ class MixedPrecisionLowering:
             o, cg, kh, kw = lp.weight_shape
             oh, ow = layer.y_shape[2], layer.y_shape[3]
             hp, wp = h + pad4[0] + pad4[1], w + pad4[2] + pad4[3]
-            gvs["q"] = bb.add_func(k["quantize_padded"](n, c, h, w, pad4, inv, signed),
+            gvs["q"] = bb.add_func(_tag(k["quantize_padded"](n, c, h, w, pad4, inv, signed),
+                                        "quantize_padded", n, c, h, w, pad4, inv, signed),
                                    f"{name}_quantize")
             gvs["conv"] = bb.add_func(k["mixed_grouped_conv"](
                 n, c, hp, wp, o, cg, kh, kw, tuple(int(s) for s in a.strides),
                 tuple(int(d) for d in a.dilation), oh, ow, lp.groups), f"{name}_conv")
-            gvs["deq"] = bb.add_func(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP",
-                                                     layer.y_shape),
+            gvs["deq"] = bb.add_func(_tag(k["dequantize"](n, o, oh * ow, o, oh * ow, "OP",
+                                                          layer.y_shape), "dequantize",
+                                          layout="OP"),
                                      f"{name}_dequantize")
             consts["w8"] = relax.const(layer.codes.astype(np.int8), "int8")
             consts["w4"] = relax.const(pack_int4_flat(w4codes), "uint8")
@@ -201,19 +216,23 @@ class MixedPrecisionLowering:
         low = k["low_layout"](st, layer.n_max, kk)
         layer.low = low
         if kind == g.CONV:
-            gvs["q"] = bb.add_func(k["quantize_nhwc"](n, c, h, w, pad4, cpad, low.slots, inv,
-                                                      signed), f"{name}_quantize")
-        else:
-            gvs["q"] = bb.add_func(k["quantize_rows"](ow, c, cpad, low.slots, inv, signed),
+            gvs["q"] = bb.add_func(_tag(k["quantize_nhwc"](n, c, h, w, pad4, cpad, low.slots,
+                                                           inv, signed), "quantize_nhwc",
+                                        n, c, h, w, pad4, cpad, low.slots, inv, signed),
                                    f"{name}_quantize")
+        else:
+            gvs["q"] = bb.add_func(_tag(k["quantize_rows"](ow, c, cpad, low.slots, inv, signed),
+                                        "quantize_rows"), f"{name}_quantize")
         layer.geo = dict(n=n, c=c, hp=hp, wp=wp, cpad=cpad, p=p, ppad=ppad, oh=oh, ow=ow, o=o,
                          opad=opad, kk=kk, slots=low.slots, ngmax=low.max_chunks())
         layout = "OP" if kind == g.CONV else "PO"
-        gvs["gemm"] = bb.add_func(k["mixed_gemm"](n, hp, wp, cpad, low.slots, low.max_chunks(),
-                                                  kh, kw, stride, dil, oh, ow, opad, layout),
+        gemm_args = (n, hp, wp, cpad, low.slots, low.max_chunks(), kh, kw, stride, dil, oh, ow,
+                     opad, layout)
+        gvs["gemm"] = bb.add_func(_tag(k["mixed_gemm"](*gemm_args), "mixed_gemm", *gemm_args),
                                   f"{name}_gemm")
-        gvs["deq"] = bb.add_func(k["dequantize"](n, o, p, opad, ppad, layout,
-                                                 layer.y_shape),
+        gvs["deq"] = bb.add_func(_tag(k["dequantize"](n, o, p, opad, ppad, layout,
+                                                      layer.y_shape), "dequantize",
+                                      layout=layout),
                                  f"{name}_dequantize")
         # 8-bit rows k = (ky*kw + kx)*cpad + c, row pairs (quads on VNNI) interleaved per output
         w_rc = np.zeros((kh, kw, cpad, opad), np.int8)
@@ -249,11 +268,13 @@ class MixedPrecisionLowering:
     def _emit(self, bb, x, kind, layer, gvs, consts, n_low):
         geo = layer.geo
         nl = tvm.tirx.IntImm("int32", n_low)
+        codes = layer.lp.name.replace(".", "_") + CODES  # named: FuseRequantize reports it
         if kind == g.CONV and layer.grouped:
             n, c = layer.x_shape[:2]
             q = bb.emit(relax.call_tir(gvs["q"], (x, consts["sa"], consts["st"], consts["rank"],
                                                   nl),
-                                       relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")))
+                                       relax.TensorType((n, c, geo["hp"], geo["wp"]), "int16")),
+                        name_hint=codes)
             acc = bb.emit(relax.call_tir(
                 gvs["conv"], (q, consts["w8"], consts["w4"], consts["rank"], nl),
                 relax.TensorType((n, geo["o"], geo["oh"], geo["ow"]), "int32")))
@@ -265,7 +286,8 @@ class MixedPrecisionLowering:
         qq = bb.emit(relax.call_tir(
             gvs["q"], (xin, consts["sa"], consts["slot_chan"], nl),
             [relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["cpad"]), q8_dtype),
-             relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["slots"]), "uint8")]))
+             relax.TensorType((geo["n"], geo["hp"], geo["wp"], geo["slots"]), "uint8")]),
+            name_hint=codes)
         q8 = bb.emit(relax.TupleGetItem(qq, 0))
         q4 = bb.emit(relax.TupleGetItem(qq, 1))
         chunks, ng, corr = self._variant_consts(layer, n_low)
