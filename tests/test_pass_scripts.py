@@ -372,6 +372,7 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio(i
     from tvm.script import tirx as T
 
     from flexiq_tvm.transform import QuantizeMixedPrecision
+    from flexiq_tvm.transform.quantize_mixed_precision import _tag
 
     _, reordered = _run(LIN_PLAN, LinearBefore)
     KERNELS = kernels(isa)
@@ -455,10 +456,13 @@ def test_quantize_mixed_precision_lowers_to_kernels_with_one_variant_per_ratio(i
             return y
 
     expected = LinearLowered
-    kernels = {"fc_quantize": KERNELS["quantize_rows"](3, 4, 4, 4, 16.0, True),
-               "fc_gemm": KERNELS["mixed_gemm"](1, 1, 3, 4, 4, 1, 1, 1, (1, 1), (1, 1), 1, 3,
-                                                16, "PO"),
-               "fc_dequantize": KERNELS["dequantize"](1, 6, 3, 16, 6, "PO", (3, 6))}
+    gemm = (1, 1, 3, 4, 4, 1, 1, 1, (1, 1), (1, 1), 1, 3, 16, "PO")
+    # each marked with its role for FuseRequantize (which leaves a linear layer unfused)
+    kernels = {"fc_quantize": _tag(KERNELS["quantize_rows"](3, 4, 4, 4, 16.0, True),
+                                   "quantize_rows"),
+               "fc_gemm": _tag(KERNELS["mixed_gemm"](*gemm), "mixed_gemm", *gemm),
+               "fc_dequantize": _tag(KERNELS["dequantize"](1, 6, 3, 16, 6, "PO", (3, 6)),
+                                     "dequantize", layout="PO")}
     for name, func in kernels.items():
         expected.update_func(expected.get_global_var(name), func)
     tvm.ir.assert_structural_equal(got, expected)

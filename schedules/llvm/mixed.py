@@ -237,9 +237,10 @@ def _quantizer(n, c, h, w, pad, cpad, slots, inv, signed, isa):
 
 
 def nhwc_border(n, h, w, pad, cpad, slots, signed, isa):
-    """A macro ``border(by, sa, slot_chan, q8, q4)``: the code of 0 in the zero border of
-    padded row ``by`` (image ``by // hp``) of the channels-last buffers (the whole row when it
-    is a border row, else its left and right columns)."""
+    """A macro ``border(by, sa, slot_chan, n_low, q8, q4)``: the code of 0 in the zero border
+    of padded row ``by`` (image ``by // hp``) of the channels-last buffers (the whole row when
+    it is a border row, else its left and right columns). At ``n_low = 0`` the 4-bit buffer
+    is left unwritten: the GEMM reads none of it then (no chunk, ``ng = 0``)."""
     off = 8 if signed else 0
     vnni = uses_vnni(isa)
     zero8 = T.Cast(_q8_dtype(isa), _off8(isa, signed))
@@ -247,21 +248,24 @@ def nhwc_border(n, h, w, pad, cpad, slots, signed, isa):
     hp, wp = h + pt + pb, w + pl + pr
 
     @T.macro
-    def border(by, sa, slot_chan, q8, q4):
+    def border(by, sa, slot_chan, n_low, q8, q4):
         if by % hp < pt or by % hp >= pt + h:
             for ix, ci in T.grid(wp, cpad):
                 q8[by // hp, by % hp, ix, ci] = zero8
-            for ix, si in T.grid(wp, slots):
-                q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+            if n_low > 0:
+                for ix, si in T.grid(wp, slots):
+                    q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
         else:
             for ix, ci in T.grid(pl, cpad):
                 q8[by // hp, by % hp, ix, ci] = zero8
             for ix, ci in T.grid(pr, cpad):
                 q8[by // hp, by % hp, pl + w + ix, ci] = zero8
-            for ix, si in T.grid(pl, slots):
-                q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
-            for ix, si in T.grid(pr, slots):
-                q4[by // hp, by % hp, pl + w + ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+            if n_low > 0:
+                for ix, si in T.grid(pl, slots):
+                    q4[by // hp, by % hp, ix, si] = _fill4(off, sa, slot_chan, si, vnni)
+                for ix, si in T.grid(pr, slots):
+                    q4[by // hp, by % hp, pl + w + ix, si] = _fill4(off, sa, slot_chan, si,
+                                                                    vnni)
 
     return border
 
@@ -293,7 +297,7 @@ def nhwc_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False):
     @T.macro
     def body(val, src, sa, slot_chan, n_low, q8, q4, zbuf):
         for by in T.parallel(n * hp):
-            border(by, sa, slot_chan, q8, q4)
+            border(by, sa, slot_chan, n_low, q8, q4)
             if by % hp >= pt and by % hp < pt + h:
                 if z:
                     for ci in range(c):
@@ -321,26 +325,27 @@ def nhwc_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False):
                             d8, T.if_then_else(ci < c, code8(
                                 src(by // hp, T.min(ci, c - 1), by % hp - pt, wv + xr),
                                 inv, lo, hi), 0) + off8)
-                for si in range(slots):
-                    if slot_chan[si] >= 0 and slot_chan[si] < n_low:
-                        for xo in range(wv // vl):
-                            for xi in T.vectorized(vl):
-                                q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
+                if n_low > 0:  # else the GEMM reads no 4-bit code (nhwc_border)
+                    for si in range(slots):
+                        if slot_chan[si] >= 0 and slot_chan[si] < n_low:
+                            for xo in range(wv // vl):
+                                for xi in T.vectorized(vl):
+                                    q4[by // hp, by % hp, pl + xo * vl + xi, si] = T.Cast(
+                                        "uint8", _pre4(off + extract4(code8(
+                                            src(by // hp, slot_chan[si], by % hp - pt,
+                                                xo * vl + xi),
+                                            inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
+                                            sa[slot_chan[si]], vnni))
+                            for xr in range(w - wv):
+                                q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
                                     "uint8", _pre4(off + extract4(code8(
-                                        src(by // hp, slot_chan[si], by % hp - pt,
-                                            xo * vl + xi),
+                                        src(by // hp, slot_chan[si], by % hp - pt, wv + xr),
                                         inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
                                         sa[slot_chan[si]], vnni))
-                        for xr in range(w - wv):
-                            q4[by // hp, by % hp, pl + wv + xr, si] = T.Cast(
-                                "uint8", _pre4(off + extract4(code8(
-                                    src(by // hp, slot_chan[si], by % hp - pt, wv + xr),
-                                    inv, lo, hi), sa[slot_chan[si]], lo4, hi4),
-                                    sa[slot_chan[si]], vnni))
-                    else:
-                        for ix in range(w):
-                            q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
-                                                                        si, vnni)
+                        else:
+                            for ix in range(w):
+                                q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
+                                                                            si, vnni)
 
     return body
 

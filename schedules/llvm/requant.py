@@ -229,7 +229,7 @@ def po_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False,
     @T.macro
     def body(val, gather, sa, slot_chan, n_low, q8, q4, zbuf):
         for by in T.parallel(n * hp):
-            border(by, sa, slot_chan, q8, q4)
+            border(by, sa, slot_chan, n_low, q8, q4)
             if by % hp >= pt and by % hp < pt + h:
                 # per slot: the code row's index of its channel, and its shift
                 src4 = T.decl_buffer((slots,), "int32")
@@ -263,16 +263,12 @@ def po_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False,
                         q8[by // hp, by % hp, pl + ix, ci] = T.Cast(d8, T.Select(
                             tirx.all(ci >= n_low, ci < c),
                             row[src8[ci]], 0) + off8)
-                    if n_low > 0:
+                    if n_low > 0:  # else the GEMM reads no 4-bit code
                         for si in T.vectorized(slots):
                             q4[by // hp, by % hp, pl + ix, si] = T.Select(
                                 tirx.all(slot_chan[si] >= 0, slot_chan[si] < n_low),
                                 T.Cast("uint8", _pre4(off + extract4(row[src4[si]], sh4[si],
                                                                      lo4, hi4), sh4[si], vnni)),
                                 _fill4(off, sa, slot_chan, si, vnni))
-                    else:
-                        for si in T.vectorized(slots):
-                            q4[by // hp, by % hp, pl + ix, si] = _fill4(off, sa, slot_chan,
-                                                                        si, vnni)
 
     return body
