@@ -51,10 +51,14 @@ class CompileReport:
         lines += [f"  FP32: {k['op']} {k.get('shape')} ({k['reason']})" for k in self.kept_fp32]
         lines += [f"  gather before {g}" for g in self.gathers]
         if self.fused or self.unfused:
+            why: dict = {}
+            for u in self.unfused:
+                why.setdefault(u["reason"], []).append(u["layer"])
             lines.append(f"fused epilogues: {len(self.fused)} layers get their input codes "
-                         f"straight from the layer before; {len(self.unfused)} quantize "
-                         "their own input")
-            lines += [f"  unfused: {u['layer']} ({u['reason']})" for u in self.unfused]
+                         "straight from the layer before")
+            lines += [f"  unfused ({r}): " + (", ".join(ls) if len(ls) <= 3
+                                              else f"{len(ls)} layers")
+                      for r, ls in why.items()]
         return "\n".join(lines)
 
 

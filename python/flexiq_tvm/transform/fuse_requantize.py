@@ -166,7 +166,8 @@ class FuseRequantizeLowering:
                     r.res_nhwc = True
         if report:
             self.fused.extend({"layer": ch.layer, "steps": [s[0] for s in ch.steps],
-                               "writes_fp32": ch.with_z, "channels_last": ch.gemm is not None,
+                               "writes_fp32": ch.with_z, "fp32_channels_last": ch.z_nhwc,
+                               "channels_last": ch.gemm is not None,
                                "gather": ch.gather is not None} for ch in chains)
         return chains
 
