@@ -83,6 +83,12 @@ def _read(value, gather):
     return lambda nn, ci, yy, xx: value(nn, gather[ci], yy, xx)
 
 
+def _without_z(func):
+    """``func`` without its last parameter (the FP32 output ``zb``, which its body does not
+    touch when ``z`` is off): one TVMScript definition serves both variants."""
+    return tirx.PrimFunc(list(func.params)[:-1], func.body, func.ret_type, func.attrs)
+
+
 def _check(steps, n_cv):
     for op, kind, arg, _ in steps:
         if op not in STEP_OPS or kind not in ("cv", "res"):
@@ -121,42 +127,25 @@ def requantize_nhwc(acc_shape, ow, steps, n_cv, res, z, gathered, n, c, h, w, pa
         return lambda nn, ci, yy, xx: glue_value(acc, mult, cv, r, steps, ow, nn, ci, yy, xx,
                                                  layout, res_nhwc)
 
-    if z:
-        @T.prim_func(private=True, s_tir=True)
-        def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
-                       cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
-                       gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
-                       slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
-                       q8: T.Buffer((n, hp, wp, cpad), d8),
-                       q4: T.Buffer((n, hp, wp, slots), "uint8"),
-                       zb: T.Buffer(zshape, "float32")):
-            T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                if layout == "PO":
-                    body(val(acc, mult, cv, r), gather if gathered else None, sa, slot_chan,
-                         n_low, q8, q4, zb)
-                else:
-                    body(val(acc, mult, cv, r),
-                         _read(lambda nn, ci, yy, xx: zb[nn, ci, yy, xx],
-                               gather if gathered else None), sa, slot_chan, n_low, q8, q4, zb)
-    else:
-        @T.prim_func(private=True, s_tir=True)
-        def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
-                       cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
-                       gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
-                       slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
-                       q8: T.Buffer((n, hp, wp, cpad), d8),
-                       q4: T.Buffer((n, hp, wp, slots), "uint8")):
-            T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                if layout == "PO":
-                    body(val(acc, mult, cv, r), gather if gathered else None, sa, slot_chan,
-                         n_low, q8, q4, None)
-                else:
-                    body(val(acc, mult, cv, r),
-                         _read(val(acc, mult, cv, r), gather if gathered else None), sa,
-                         slot_chan, n_low, q8, q4, None)
-    return requantize
+    @T.prim_func(private=True, s_tir=True)
+    def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
+                   cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
+                   gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
+                   slot_chan: T.Buffer((slots,), "int32"), n_low: T.int32,
+                   q8: T.Buffer((n, hp, wp, cpad), d8),
+                   q4: T.Buffer((n, hp, wp, slots), "uint8"), zb: T.Buffer(zshape, "float32")):
+        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            if layout == "PO":
+                body(val(acc, mult, cv, r), gather if gathered else None, sa, slot_chan, n_low,
+                     q8, q4, zb)
+            else:
+                body(val(acc, mult, cv, r),
+                     _read(lambda nn, ci, yy, xx: zb[nn, ci, yy, xx] if z
+                           else val(acc, mult, cv, r)(nn, ci, yy, xx),
+                           gather if gathered else None), sa, slot_chan, n_low, q8, q4, zb)
+
+    return requantize if z else _without_z(requantize)
 
 
 def requantize_padded(acc_shape, ow, steps, n_cv, res, z, gathered, n, c, h, w, pad, inv,
@@ -174,32 +163,20 @@ def requantize_padded(acc_shape, ow, steps, n_cv, res, z, gathered, n, c, h, w, 
     def val(acc, mult, cv, r):
         return lambda nn, ci, yy, xx: glue_value(acc, mult, cv, r, steps, ow, nn, ci, yy, xx)
 
-    if z:
-        @T.prim_func(private=True, s_tir=True)
-        def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
-                       cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
-                       gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
-                       st: T.Buffer((c,), "int32"), rank: T.Buffer((c,), "int32"),
-                       n_low: T.int32, q: T.Buffer((n, c, hp, wp), "int16"),
-                       zb: T.Buffer((n, c, h, w), "float32")):
-            T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                body(val(acc, mult, cv, r),
-                     _read(lambda nn, ci, yy, xx: zb[nn, ci, yy, xx],
-                           gather if gathered else None), sa, st, rank, n_low, q, zb)
-    else:
-        @T.prim_func(private=True, s_tir=True)
-        def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
-                       cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
-                       gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
-                       st: T.Buffer((c,), "int32"), rank: T.Buffer((c,), "int32"),
-                       n_low: T.int32, q: T.Buffer((n, c, hp, wp), "int16")):
-            T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
-            with T.sblock("root"):
-                body(val(acc, mult, cv, r),
-                     _read(val(acc, mult, cv, r), gather if gathered else None), sa, st, rank,
-                     n_low, q, None)
-    return requantize
+    @T.prim_func(private=True, s_tir=True)
+    def requantize(acc: T.Buffer(acc_shape, "int32"), mult: T.Buffer((c,), "float32"),
+                   cv: T.Buffer((k, c), "float32"), r: T.Buffer(rshape, "float32"),
+                   gather: T.Buffer((c,), "int32"), sa: T.Buffer((c,), "int32"),
+                   st: T.Buffer((c,), "int32"), rank: T.Buffer((c,), "int32"), n_low: T.int32,
+                   q: T.Buffer((n, c, hp, wp), "int16"), zb: T.Buffer((n, c, h, w), "float32")):
+        T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
+        with T.sblock("root"):
+            body(val(acc, mult, cv, r),
+                 _read(lambda nn, ci, yy, xx: zb[nn, ci, yy, xx] if z
+                       else val(acc, mult, cv, r)(nn, ci, yy, xx),
+                       gather if gathered else None), sa, st, rank, n_low, q, zb)
+
+    return requantize if z else _without_z(requantize)
 
 
 def po_codes(n, c, h, w, pad, cpad, slots, inv, signed, isa, z: bool = False,
