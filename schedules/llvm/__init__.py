@@ -7,8 +7,8 @@ import json
 
 import tvm
 
+from . import mixed, requant
 from .injective import ScheduleInjective, schedule_injective
-from .mixed import kernels
 
 __all__ = ["PASS_CONFIG", "ScheduleInjective", "build", "kernel_target", "kernels", "pipeline",
            "schedule_injective", "split_kernels"]
@@ -19,6 +19,17 @@ __all__ = ["PASS_CONFIG", "ScheduleInjective", "build", "kernel_target", "kernel
 PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
 
 ISA_ATTR = "flexiq.isa"  # an integer-only kernel, built with its ISA's kernel target
+
+
+def kernels(isa: str | None = None) -> dict:
+    """The llvm kernel library for ``isa`` (:func:`.mixed.kernels`: the quantizers, GEMMs,
+    dequantizers and the ISA's operand layout) plus the fused epilogues of :mod:`.requant`
+    (``requantize_nhwc``, ``requantize_padded``; float glue, so built in the module's own
+    target with FMA off, never the ISA's kernel target)."""
+    k = mixed.kernels(isa)
+    k["requantize_nhwc"] = mixed.scheduled(requant.requantize_nhwc, k["isa"])
+    k["requantize_padded"] = mixed.scheduled(requant.requantize_padded)
+    return k
 
 
 def pipeline(target: tvm.target.Target, database: str | None = None) -> tvm.transform.Pass:

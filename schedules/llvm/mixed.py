@@ -822,7 +822,7 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
     return mixed_grouped_conv
 
 
-def _scheduled(builder, isa=None, module_isa=None):
+def scheduled(builder, isa=None, module_isa=None):
     """Mark the kernels ``builder`` makes as hand-scheduled: ScheduleInjective and
     MetaSchedule (``flexiq-tvm tune``) leave them as they are. ``isa`` is passed on to the
     builder; ``module_isa`` marks an integer-only kernel that is built in the module of that
@@ -846,8 +846,6 @@ def kernels(isa: str | None = None) -> dict:
     now): kernel generators by name, ``"gemm_tiles"`` (the output and position multiples the
     GEMM operands are padded to), and the ISA's 8-bit operand layout (``"q8_dtype"``,
     ``"k_group"``, ``"pack_w8"``, ``"corr8"``)."""
-    from . import requant
-
     isa = _isa(isa)
     return {
         "isa": isa,
@@ -856,15 +854,11 @@ def kernels(isa: str | None = None) -> dict:
         "k_group": k_group(isa),
         "pack_w8": lambda w: pack_w8(w, isa),
         "corr8": lambda w, n_low, signed, opad: corr8(w, n_low, signed, isa, opad),
-        "quantize_nhwc": _scheduled(quantize_nhwc, isa),
-        "quantize_rows": _scheduled(quantize_rows, isa),
-        "mixed_gemm": _scheduled(mixed_gemm, isa, module_isa=isa),
+        "quantize_nhwc": scheduled(quantize_nhwc, isa),
+        "quantize_rows": scheduled(quantize_rows, isa),
+        "mixed_gemm": scheduled(mixed_gemm, isa, module_isa=isa),
         "low_layout": LowLayout,
-        "dequantize": _scheduled(dequantize),
-        "quantize_padded": _scheduled(quantize_padded),
-        "mixed_grouped_conv": _scheduled(mixed_grouped_conv, module_isa=isa),
-        # fused epilogues (transform.FuseRequantize): float glue, so built in the module's
-        # own target (FMA off), not the ISA's kernel target
-        "requantize_nhwc": _scheduled(requant.requantize_nhwc, isa),
-        "requantize_padded": _scheduled(requant.requantize_padded),
+        "dequantize": scheduled(dequantize),
+        "quantize_padded": scheduled(quantize_padded),
+        "mixed_grouped_conv": scheduled(mixed_grouped_conv, module_isa=isa),
     }
