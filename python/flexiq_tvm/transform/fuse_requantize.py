@@ -64,7 +64,7 @@ class _Chain:
         self.deq_var = None
         self.steps: list = []  # (op, kind, arg, left), execution order
         self.rows: list = []  # per-channel float32 vectors
-        self.res = None  # (binding var that reads it, argument index)
+        self.res = None  # (binding var that reads it, argument index, the residual's var)
         self.with_z = False
         self.gather = None  # consumer channel -> glue output channel (a folded take)
         self.gemm = None  # the producer GEMM's binding, when it is switched to channels-last
@@ -155,7 +155,7 @@ class FuseRequantizeLowering:
         readers: dict = {}
         for ch in chains:
             if ch.res is not None:
-                readers.setdefault(value_of[ch.res[0]].args[ch.res[1]], []).append(ch)
+                readers.setdefault(ch.res[2], []).append(ch)
         for z, group in by_z.items():
             w = group[0]
             rs = readers.get(z, [])
@@ -217,7 +217,7 @@ class FuseRequantizeLowering:
                     other = (a, b)[1 - pick]
                     if g.shape_of(other) != shape or other.ty.dtype != "float32":
                         raise _NoFuse("a broadcast tensor operand")
-                    res = (cur, 1 - pick)
+                    res = (cur, 1 - pick, other)
                     steps.append(("add", "res", False))
                     cur = (a, b)[pick]
                 else:
@@ -246,9 +246,6 @@ class FuseRequantizeLowering:
         chains = self._plan(mod, mod[name], report)
         if not chains:
             return mod
-        value_of = {b.var: b.value for b in g.bindings(mod[name])}
-        self._res_var = {ch: value_of[ch.res[0]].args[ch.res[1]] for ch in chains
-                         if ch.res is not None}
         at = {(ch.z if ch.with_z else ch.quant_var): ch for ch in chains}  # unique keys
         later = {ch.quant_var: ch for ch in chains if ch.with_z}
         gemms = {ch.gemm for ch in chains if ch.gemm is not None}
@@ -298,7 +295,7 @@ class FuseRequantizeLowering:
         if ch.res is None:
             res = relax.const(np.zeros((1, 1, 1, 1), np.float32), "float32")
         elif ch.res_nhwc:
-            res = nhwc[self._res_var[ch]]
+            res = nhwc[ch.res[2]]
         else:
             res = seen[ch.res[0]].args[ch.res[1]]
         cv = (np.stack(ch.rows) if ch.rows else np.zeros((1, c))).astype(np.float32)
