@@ -51,33 +51,43 @@ class FakeQuantLayer(nn.Module):
         self.register_buffer("w8", w8)
         self.register_buffer("w4", w4.to(dtype))
         sa = lp.act_shift.astype(np.int64)
-        self.register_buffer("pow_sa", torch.from_numpy(2.0**sa).to(dtype).reshape(shape))
-        half = np.where(sa > 0, 2.0 ** np.maximum(sa - 1, 0), 0.0)
-        self.register_buffer("half_sa", torch.from_numpy(half).to(dtype).reshape(shape))
+        self._pow = 2.0**sa  # per input channel, for the 4-bit extraction
+        self._half = np.where(sa > 0, 2.0 ** np.maximum(sa - 1, 0), 0.0)
         mult = np.float32(lp.act_scale) * lp.w_scale.astype(np.float32)
         self.register_buffer("mult", torch.from_numpy(mult))
         bias = None if lp.bias is None else torch.from_numpy(lp.bias.astype(np.float32))
         self.register_buffer("bias", bias)
-        self.low: torch.Tensor | None = None
+        self.low: tuple | None = None  # per-channel terms of the extraction, or None (INT8)
+        self.mask: np.ndarray | None = None
         self.weight_now = self.w8
 
     def set_low(self, mask: np.ndarray | None) -> None:
         """Set which input channels run in 4-bit (``None`` or all-False: pure INT8)."""
         if mask is None or not np.any(mask):
-            self.low, self.weight_now = None, self.w8
+            self.low, self.mask, self.weight_now = None, None, self.w8
             return
-        m = torch.from_numpy(np.asarray(mask, dtype=bool))
-        self.low = m.reshape(self.chan_shape)
-        wmask = torch.from_numpy(_per_weight(np.asarray(mask, dtype=bool), self.lp))
+        mask = np.asarray(mask, dtype=bool)
+        if self.mask is not None and np.array_equal(mask, self.mask):
+            return  # unchanged (the channel search sets every layer's mask per candidate)
+        self.mask = mask.copy()
+        # one formula for every channel: an 8-bit channel has shift 0 and its own bounds, so
+        # floor((q + half) * 2**-s) clamped and times 2**s leaves its code as it is
+        pw = np.where(mask, self._pow, 1.0)
+        terms = (np.where(mask, self._half, 0.0), 1.0 / pw,
+                 np.where(mask, self.lo4, self.lo), np.where(mask, self.hi4, self.hi), pw)
+        self.low = tuple(torch.from_numpy(t).to(self.dtype).reshape(self.chan_shape)
+                         for t in terms)
+        wmask = torch.from_numpy(_per_weight(mask, self.lp))
         self.weight_now = torch.where(wmask, self.w4, self.w8)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """8-bit codes (as float) of the input, with 4-bit channels already lowered."""
-        q = torch.floor(x.float() * self.inv_scale + 0.5).clamp_(self.lo, self.hi)
-        q = q.to(self.dtype)
+        q = x.float() * self.inv_scale
+        q = q.add_(0.5).floor_().clamp_(self.lo, self.hi).to(self.dtype)
         if self.low is not None:
-            q4 = torch.floor((q + self.half_sa) / self.pow_sa).clamp_(self.lo4, self.hi4)
-            q = torch.where(self.low, q4 * self.pow_sa, q)
+            half, inv_pow, lo, hi, pw = self.low
+            # (q + half) * 2**-s is exact (a power of two), so this is the oracle's shift
+            q = torch.clamp_(q.add_(half).mul_(inv_pow).floor_(), lo, hi).mul_(pw)
         return q
 
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,17 +96,18 @@ class FakeQuantLayer(nn.Module):
         lp = self.lp
         if self.kind == "conv2d":
             top, bottom, left, right = lp.padding
-            if any(lp.padding):
-                q = F.pad(q, (left, right, top, bottom))
-            return F.conv2d(q, self.weight_now, None, lp.stride, 0, lp.dilation, lp.groups)
+            pad = (top, left)
+            if (top, left) != (bottom, right):  # asymmetric ("same" padding): pad codes
+                q, pad = F.pad(q, (left, right, top, bottom)), 0
+            return F.conv2d(q, self.weight_now, None, lp.stride, pad, lp.dilation, lp.groups)
         return F.linear(q, self.weight_now)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = self.accumulate(x).float()
         shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
-        y = acc * self.mult.reshape(shape)
+        y = acc.mul_(self.mult.reshape(shape))
         if self.bias is not None:
-            y = y + self.bias.reshape(shape)
+            y = y.add_(self.bias.reshape(shape))
         return y
 
 
