@@ -27,6 +27,8 @@ RUNS = {  # method: config overrides
     "flexiq-greedy": {"selection": "greedy"},
     "flexiq-static+gptq": {"selection": "static", "reconstruct": True},
     "flexiq-greedy+gptq": {"selection": "greedy", "reconstruct": True},
+    "flexiq-evolutionary": {"selection": "evolutionary"},
+    "flexiq-evolutionary+gptq": {"selection": "evolutionary", "reconstruct": True},
 }
 
 
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="held-out views (default: all)")
     ap.add_argument("--search-images", type=int, default=16)
     ap.add_argument("--sensitivity-steps", type=int, default=4)
+    ap.add_argument("--search-metric", default="mse", choices=("mse", "kl"))
+    ap.add_argument("--population", type=int, default=12)
+    ap.add_argument("--generations", type=int, default=16)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     name = args.model
@@ -56,7 +61,8 @@ def main() -> None:
     model = registry.get_model(name)
     fp32 = predict(model, x, batch=50)
     base = {"calib_images": 128, "search_images": args.search_images,
-            "sensitivity_steps": args.sensitivity_steps}
+            "sensitivity_steps": args.sensitivity_steps, "search_metric": args.search_metric,
+            "population": args.population, "generations": args.generations}
     calib = ev.load_calibration(name, base["calib_images"], 0)
     doc = {"model": name, "dataset": dataset, "n_images": len(x),
            "n_labelled": int((y >= 0).sum()), "n_calibration": len(calib),
@@ -73,6 +79,7 @@ def main() -> None:
             row = ev._row(method, r, q, y, fp32, plan, {
                 "top5_overlap": top5_overlap(fp32, q),
                 "selection_seconds": plan.metrics["selection_seconds"],
+                "selection_evaluations": plan.metrics["selection_evaluations"],
                 "reconstruction_seconds": plan.metrics.get("reconstruction_seconds", 0.0)})
             doc["results"].append(row)
             print(f"{method:20s} {r:4g} agreement {100 * row['agreement']:6.2f} % top-1 "

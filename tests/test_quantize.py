@@ -213,3 +213,90 @@ def test_unsupported_conv_is_kept_fp32_and_reported():
     plan = quantize(model, calib, FlexiQConfig(selection="static"), progress=False)
     assert [lp.name for lp in plan.layers] == ["a", "b", "d"]
     assert plan.metrics["kept_fp32"] == {"c": "padding_mode='reflect'"}
+
+
+class InplaceNet(nn.Module):
+    """Convs whose outputs later ops change in place (ReLU(inplace=True), ``+=``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 1, 1)
+        self.b = nn.Conv2d(8, 8, 3, 1, 1)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.act(self.a(x))
+        y = self.act(self.b(x))
+        y += x
+        return self.head(self.act(self.c(y)).mean((2, 3)))
+
+
+def test_memoized_search_forward_is_exact_and_reuses_the_prefix():
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    calib = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    cfg = FlexiQConfig(selection="static", calib_images=16, keep_first_8bit=False,
+                       keep_last_8bit=False)
+    plan = quantize(model, calib, cfg, "inplace", progress=False)
+    fq = FakeQuantModel(model, plan)
+    x = torch.from_numpy(calib[:5])
+    rng = np.random.default_rng(3)
+
+    def rand(names):
+        return {lp.name: rng.random(lp.in_channels) < 0.5 for lp in plan.layers
+                if lp.name in names}
+
+    # the INT8 base; then only the last layers change (the prefix is reused); a repeat; a
+    # change at the first layer (nothing reused); the base again
+    cands = [{}, rand({"c"}), rand({"c", "head"}), None, rand({"a", "b", "c", "head"}), {}]
+    cands[3] = cands[1]
+    with torch.no_grad():
+        plain = []
+        for sets in cands:
+            fq.set_masks(sets)
+            plain.append(fq(x).clone())
+        fq.memoize(x, size=2)
+        for i, sets in enumerate(cands):
+            fq.set_masks(sets)
+            assert torch.equal(fq(x, pin=i == 0), plain[i]), i
+        memo = fq._memo
+        # layers run per candidate: 4, 2 and 2 (a, b from the pinned base), 0, 4, 0
+        assert (memo.misses, memo.hits) == (12, 12)
+        other = x + 1  # another tensor runs as usual, without the memo
+        fq.set_masks({})
+        assert memo.misses == 12 and not torch.equal(fq(other), plain[0])
+        fq.memoize(None)
+    assert all(layer.memo is None for layer in fq.layers.values())
+
+
+def test_kl_search_metric_measures_the_fp32_model():
+    from flexiq_tvm.quantize import search_distance
+
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    calib = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    cfg = FlexiQConfig(selection="static", calib_images=16, keep_first_8bit=False)
+    plan = quantize(model, calib, cfg, "inplace", progress=False)
+    fq = FakeQuantModel(model, plan)
+    x = torch.from_numpy(calib[:7])
+    with torch.no_grad():
+        lp32 = torch.log_softmax(model(x), 1).double()
+        kl = search_distance(model, fq, x, "kl")
+        mse = search_distance(model, fq, x, "mse")
+        masks = {lp.name: lp.low_mask(1.0) for lp in plan.layers}
+        for sets in ({}, masks):
+            fq.set_masks(sets)
+            lq = torch.log_softmax(fq(x), 1).double()
+            want = float((lp32.exp() * (lp32 - lq)).sum(1).mean())
+            assert kl(sets) == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32 sums
+        assert mse({}) == 0.0 and mse(masks) > 0.0
+        fq.memoize(None)
+    with pytest.raises(ValueError, match="search_metric"):
+        FlexiQConfig(search_metric="l1")
+    greedy = quantize(model, calib, FlexiQConfig(selection="greedy", calib_images=16,
+                                                 search_metric="kl"), "inplace",
+                      progress=False)
+    greedy.check_nested()
+    assert greedy.config["search_metric"] == "kl"

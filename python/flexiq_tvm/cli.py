@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
 
 def _search_overrides(args) -> dict:
     names = ("seed", "calib_images", "search_images", "population", "generations",
-             "sensitivity_steps")
+             "sensitivity_steps", "search_metric")
     out = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if getattr(args, "depthwise_8bit", False):
         out["depthwise_low"] = False
@@ -63,6 +63,9 @@ def _add_search_args(p) -> None:
                    help="evolutionary generations per ratio (default 16)")
     p.add_argument("--sensitivity-steps", type=int, default=None,
                    help="points per layer sensitivity curve (default 8)")
+    p.add_argument("--search-metric", choices=("mse", "kl"), default=None,
+                   help="what the search minimises: mse to the INT8 outputs (default) or "
+                        "KL(FP32 || candidate) of the softmax (classifiers)")
     p.add_argument("--depthwise-8bit", action="store_true",
                    help="keep depthwise convs 8-bit (the ratio then counts the other layers)")
     p.add_argument("--reconstruct", action="store_true",

@@ -9,9 +9,11 @@ from typing import Literal
 
 SELECTIONS = ("static", "greedy", "evolutionary", "random")
 EXTRACTIONS = ("effective", "naive")
+SEARCH_METRICS = ("mse", "kl")
 
 Selection = Literal["static", "greedy", "evolutionary", "random"]
 Extraction = Literal["effective", "naive"]
+SearchMetric = Literal["mse", "kl"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class FlexiQConfig:
         Seed of every random choice (random selection, evolutionary search).
     population, generations
         Evolutionary search size per ratio.
+    search_metric
+        What the search (greedy curves, evolutionary fitness) minimises over the search
+        images: ``mse``, the mean squared output difference to the INT8 model, or ``kl``,
+        ``KL(FP32 || candidate)`` of the softmax over each output's last axis (classifiers:
+        a proxy of top-1 agreement with FP32).
     sensitivity_steps
         Points of each layer's measured sensitivity curve (greedy/evolutionary): the distance
         with 1/steps, 2/steps, ... of its channels lowered.
@@ -64,6 +71,7 @@ class FlexiQConfig:
     population: int = 12
     generations: int = 16
     sensitivity_steps: int = 8
+    search_metric: SearchMetric = "mse"
     reconstruct: bool = False
     reconstruct_alpha: float = 32.0
 
@@ -99,6 +107,8 @@ class FlexiQConfig:
             raise ValueError(f"selection={self.selection!r}; allowed: {SELECTIONS}")
         if self.extraction not in EXTRACTIONS:
             raise ValueError(f"extraction={self.extraction!r}; allowed: {EXTRACTIONS}")
+        if self.search_metric not in SEARCH_METRICS:
+            raise ValueError(f"search_metric={self.search_metric!r}; allowed: {SEARCH_METRICS}")
         for name in ("calib_images", "search_images", "population", "generations",
                      "sensitivity_steps"):
             if int(getattr(self, name)) <= 0:

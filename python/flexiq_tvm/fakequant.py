@@ -16,6 +16,7 @@ selects a plan ratio; :meth:`FakeQuantModel.set_masks` sets arbitrary per-layer 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -59,17 +60,20 @@ class FakeQuantLayer(nn.Module):
         self.register_buffer("bias", bias)
         self.low: tuple | None = None  # per-channel terms of the extraction, or None (INT8)
         self.mask: np.ndarray | None = None
+        self.mask_sig = 0  # a hash of ``mask`` (0: INT8), the layer's part of a memo key
         self.weight_now = self.w8
+        self.memo: _Memo | None = None  # set by the model while it memoizes
 
     def set_low(self, mask: np.ndarray | None) -> None:
         """Set which input channels run in 4-bit (``None`` or all-False: pure INT8)."""
         if mask is None or not np.any(mask):
-            self.low, self.mask, self.weight_now = None, None, self.w8
+            self.low, self.mask, self.weight_now, self.mask_sig = None, None, self.w8, 0
             return
         mask = np.asarray(mask, dtype=bool)
         if self.mask is not None and np.array_equal(mask, self.mask):
             return  # unchanged (the channel search sets every layer's mask per candidate)
         self.mask = mask.copy()
+        self.mask_sig = hash(np.packbits(mask).tobytes()) | 1
         # one formula for every channel: an 8-bit channel has shift 0 and its own bounds, so
         # floor((q + half) * 2**-s) clamped and times 2**s leaves its code as it is
         pw = np.where(mask, self._pow, 1.0)
@@ -103,6 +107,18 @@ class FakeQuantLayer(nn.Module):
         return F.linear(q, self.weight_now)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memo = self.memo
+        if memo is not None and memo.active:
+            key = memo.extend(self.mask_sig)
+            hit = memo.get(self.lp.name, key)
+            if hit is not None:
+                return hit.clone()  # what follows may work in place (ReLU(inplace), +=)
+            y = self._compute(x)
+            memo.put(self.lp.name, key, y.clone())
+            return y
+        return self._compute(x)
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
         acc = self.accumulate(x).float()
         shape = (1, -1, 1, 1) if self.kind == "conv2d" else (-1,)
         y = acc.mul_(self.mult.reshape(shape))
@@ -133,6 +149,58 @@ def replace_layers(model: nn.Module, plan: QuantPlan, make) -> tuple[nn.Module, 
     return net, layers
 
 
+class _Memo:
+    """Layer outputs kept between forwards over one fixed batch (the channel search).
+
+    A layer's output depends only on the batch and on the masks of the layers that ran before
+    it and of itself, so it is keyed by that chain of mask signatures: a candidate that
+    differs from a kept one first at layer ``k`` recomputes from layer ``k`` on.  Each layer
+    keeps its ``size`` most recently used outputs, plus those of the pinned candidate.
+    """
+
+    def __init__(self, x: torch.Tensor, size: int) -> None:
+        self.x, self.size = x, size
+        self.active = False
+        self.pinning = False
+        self.chain: tuple = ()
+        self.lru: dict[str, OrderedDict] = {}
+        self.pinned: dict[str, tuple] = {}  # layer -> (key, output)
+        self.hits = self.misses = 0
+
+    def start(self, x: torch.Tensor, pin: bool) -> None:
+        self.active = x is self.x
+        self.chain = ()
+        self.pinning = pin and self.active
+        if self.pinning:
+            self.pinned = {}
+
+    def extend(self, sig: int) -> tuple:
+        self.chain = (*self.chain, sig)
+        return self.chain
+
+    def get(self, name: str, key: tuple) -> torch.Tensor | None:
+        pk = self.pinned.get(name)
+        if pk is not None and pk[0] == key:
+            self.hits += 1
+            return pk[1]
+        lru = self.lru.get(name)
+        if lru is not None and key in lru:
+            lru.move_to_end(key)
+            self.hits += 1
+            return lru[key]
+        self.misses += 1
+        return None
+
+    def put(self, name: str, key: tuple, y: torch.Tensor) -> None:
+        if self.pinning:
+            self.pinned[name] = (key, y)
+            return
+        lru = self.lru.setdefault(name, OrderedDict())
+        lru[key] = y
+        while len(lru) > self.size:
+            lru.popitem(last=False)
+
+
 class FakeQuantModel(nn.Module):
     """A copy of the FP32 model whose covered layers are :class:`FakeQuantLayer` s."""
 
@@ -157,9 +225,25 @@ class FakeQuantModel(nn.Module):
             fq.set_low(masks.get(name))
         self.ratio = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the quantized model (float32 unless built with another ``dtype``)."""
-        return self.net(x)
+    def memoize(self, x: torch.Tensor | None, size: int = 3) -> None:
+        """Keep layer outputs between forwards over exactly this tensor ``x`` (``None``:
+        stop).  Other inputs run as usual; see :class:`_Memo`."""
+        memo = None if x is None else _Memo(x, size)
+        for fq in self.layers.values():
+            fq.memo = memo
+        self._memo = memo
+
+    def forward(self, x: torch.Tensor, pin: bool = False) -> torch.Tensor:
+        """Logits of the quantized model (float32 unless built with another ``dtype``).
+        ``pin``: while memoizing, keep this candidate's layer outputs until the next pin."""
+        memo = getattr(self, "_memo", None)
+        if memo is not None:
+            memo.start(x, pin)
+        try:
+            return self.net(x)
+        finally:
+            if memo is not None:
+                memo.active = False
 
 
 @torch.no_grad()

@@ -176,6 +176,48 @@ def _proxy_and_range(lp: LayerPlan, st: LayerStats) -> tuple[np.ndarray, np.ndar
     return proxy, bitops.range_score(st.hist, lp.act_signed, wc)
 
 
+def search_distance(model, fq, x, metric: str = "mse", on_call=None):
+    """The channel search's measure of a candidate: ``distance(sets, pin=False) -> float``.
+
+    ``fq`` (a :class:`FakeQuantModel`) runs with the candidate's 4-bit masks ``sets`` on the
+    search batch ``x``; ``metric`` ``mse`` compares its outputs with the INT8 model's (``fq``
+    with every mask empty, as it is when this is called), ``kl`` computes ``KL(FP32 ||
+    candidate)`` of the softmax over each output's last axis, averaged over the batch and
+    summed over the outputs (several heads).  Layer outputs are memoized on ``fq`` (call
+    ``fq.memoize(None)`` when done): a candidate recomputes from its first changed layer on.
+    """
+    import torch
+
+    def outputs(net, pin=False):  # every output, flattened side by side (several heads)
+        out = net(x, pin=pin) if net is fq else net(x)
+        outs = out if isinstance(out, tuple | list) else (out,)
+        return [o.float().reshape(len(x), -1) for o in outs]
+
+    with torch.no_grad():
+        if metric == "kl":  # against the FP32 model: what agreement is judged on
+            ref_out = [torch.log_softmax(o, 1) for o in outputs(model.eval())]
+        elif metric == "mse":  # against the INT8 model
+            ref_out = outputs(fq)
+        else:
+            raise ValueError(f"search metric {metric!r}; allowed: mse, kl")
+    fq.memoize(x)
+
+    def distance(sets: dict[str, np.ndarray], pin: bool = False) -> float:
+        fq.set_masks(sets)
+        if on_call is not None:
+            on_call()
+        with torch.no_grad():
+            got = outputs(fq, pin)
+            if metric == "kl":
+                d = sum((r.exp() * (r - torch.log_softmax(o, 1))).sum(1).mean()
+                        for r, o in zip(ref_out, got))
+            else:
+                d = torch.cat([(o - r) ** 2 for o, r in zip(got, ref_out)], 1).mean()
+            return float(d)
+
+    return distance
+
+
 def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
              model_name: str = "model", progress: bool = True, cache: dict | None = None
              ) -> QuantPlan:
@@ -234,14 +276,6 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
     fq = FakeQuantModel(model, plan)
     x_search = torch.from_numpy(calib[: cfg.search_images])
 
-    def outputs(x):  # every output of the model, flattened side by side (several heads)
-        out = fq(x)
-        outs = out if isinstance(out, tuple | list) else (out,)
-        return torch.cat([o.float().reshape(len(x), -1) for o in outs], 1)
-
-    with torch.no_grad():
-        ref_logits = outputs(x_search)
-
     bar = None
     if progress and cfg.selection in ("greedy", "evolutionary"):
         from tqdm import tqdm
@@ -249,18 +283,13 @@ def quantize(model, calib_data: np.ndarray, config: FlexiQConfig | None = None,
         # candidates measured so far (a count: how many the search takes depends on the model)
         bar = tqdm(desc=f"select ({cfg.selection})", unit=" candidates", disable=None,
                    leave=False)
-
-    def distance(sets: dict[str, np.ndarray]) -> float:
-        fq.set_masks(sets)
-        if bar is not None:
-            bar.update()
-        with torch.no_grad():
-            return float(((outputs(x_search) - ref_logits) ** 2).mean())
-
+    distance = search_distance(model, fq, x_search, cfg.search_metric,
+                               bar.update if bar is not None else None)
     selector = Selector(infos, distance, cfg, cache)
     try:
         chosen = selector.run()
     finally:
+        fq.memoize(None)
         if bar is not None:
             bar.close()
     for lp in layers:

@@ -68,9 +68,11 @@ class Selector:
     def _macs(self, sets: dict[str, np.ndarray]) -> int:
         return sum(int(sets[i.name].sum()) * i.macs for i in self.infos)
 
-    def _measure(self, sets: dict[str, np.ndarray]) -> float:
+    def _measure(self, sets: dict[str, np.ndarray], pin: bool = False) -> float:
+        """``pin``: the distance may keep this candidate's intermediate results until the
+        next pin, so that candidates near it cost less (see ``FakeQuantModel.memoize``)."""
         self.evaluations += 1
-        return float(self.distance(sets))
+        return float(self.distance(sets, pin=True) if pin else self.distance(sets))
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {i.name: np.zeros(i.channels, bool) for i in self.infos}
@@ -131,12 +133,13 @@ class Selector:
     def _sensitivity(self) -> dict[str, np.ndarray]:
         """Distance with 0, 1/S, ..., S/S of each layer's channels lowered (proxy order)."""
         # the curves depend on the codes too: how they were rounded and extracted
-        codes = (self.cfg.reconstruct, self.cfg.reconstruct_alpha, self.cfg.extraction)
+        codes = (self.cfg.reconstruct, self.cfg.reconstruct_alpha, self.cfg.extraction,
+                 self.cfg.search_metric)  # and on what is measured
         key = ("sensitivity", self.steps, tuple(i.name for i in self.infos), codes)
         if key in self.cache:
             self.sensitivity_cached = True
             return self.cache[key]
-        base = self._measure(self._empty())
+        base = self._measure(self._empty(), pin=True)  # every point shares its prefix
         curves = {}
         for i in self.infos:
             order = np.argsort(i.proxy, kind="stable")
@@ -257,7 +260,7 @@ class Selector:
             if self.rng.random() < 0.5:
                 ind = self._crossover(ind, seed_sets, base, target)
             pop.append(ind)
-        fit = [self._measure(p) for p in pop]
+        fit = [self._measure(p, pin=k == 0) for k, p in enumerate(pop)]
         for gen in range(cfg.generations):
             order = np.argsort(fit, kind="stable")
             new = [pop[order[0]], pop[order[1]]]
