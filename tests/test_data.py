@@ -2,6 +2,7 @@ import gzip
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from flexiq_tvm.zoo import data
 
@@ -86,7 +87,15 @@ def test_natural_views_preprocessing():
     # all views of the first photo share its label, and the views differ from each other
     assert len(set(y[: len(data.EVAL_VIEWS)].tolist())) == 1
     assert len({v.tobytes() for v in x[: len(data.EVAL_VIEWS)]}) == len(data.EVAL_VIEWS)
-    xc, _ = data.load_natural("calibration", limit=2)
-    assert xc.shape == (2, 3, 224, 224)
+    # calibration is view-major: every photo's center crop, then every photo's next view
+    n = len(data.natural_image_split().calibration)
+    xc, _ = data.load_natural("calibration", limit=n + 2)
+    center, _ = data.load_natural("calibration", views=False)
+    assert xc.shape == (n + 2, 3, 224, 224) and np.array_equal(xc[:n], center)
+    assert not np.array_equal(xc[n], center[0])
+    resize, ox, oy, flip = data.EVAL_VIEWS[1]
+    with Image.open(data.natural_image_split().calibration[0].path) as im:
+        want = data.preprocess_imagenet(im, resize=resize, offset=(ox, oy), flip=flip)
+    assert np.array_equal(xc[n], want)
     with pytest.raises(ValueError, match="part='test'"):
         data.load_natural("test")

@@ -111,14 +111,16 @@ FLEXIQ_SELECTIONS = ("static", "greedy", "evolutionary")
 def load_calibration(name: str, n: int, seed: int = 0) -> np.ndarray:
     """Calibration images of zoo model ``name`` (never evaluation images), seeded order.
 
-    FMNIST: ``n`` images of the training split.  ImageNet: the center crop of every
-    calibration photo (27 photos with opencv-doc installed), shuffled, at most ``n``.
+    FMNIST: ``n`` images of the training split.  ImageNet: ``n`` views of the calibration
+    photos (27 photos with opencv-doc installed): the center crop of every photo, then its
+    other crops and flips (:data:`~flexiq_tvm.zoo.data.EVAL_VIEWS`), one view of every photo
+    at a time; shuffled.
     """
     s = registry.spec(name)
     if s.dataset == "fmnist":
         return data.fmnist_calibration(n, seed=seed)
-    x, _ = data.load_natural("calibration", views=True)
-    return x[np.random.default_rng(seed).permutation(len(x))[:n]]
+    x, _ = data.load_natural("calibration", views=True, limit=n)
+    return x[np.random.default_rng(seed).permutation(len(x))]
 
 
 def zoo_plan(name: str, model, config, progress: bool = False):

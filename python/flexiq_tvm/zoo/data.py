@@ -243,26 +243,28 @@ def load_natural(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images of one part of :func:`natural_image_split` as ``(x (N,3,224,224), labels (N,))``.
 
-    ``part="calibration"`` gives one center crop per photo; ``part="evaluation"`` gives all
-    :data:`EVAL_VIEWS` of each photo when ``views`` is true.  Labels are ``-1`` for unlabelled
-    photos.  ``limit`` caps the number of returned images.
+    With ``views`` every photo gives all :data:`EVAL_VIEWS` (crops at several scales, flips),
+    else one center crop.  ``part="evaluation"`` is photo-major (a photo's views together);
+    ``part="calibration"`` is view-major (the center crop of every photo first, then the next
+    view of every photo, ...), so its first ``N`` images spread over all the photos.  Labels
+    are ``-1`` for unlabelled photos.  ``limit`` caps the number of returned images.
     """
     from PIL import Image
 
     split = natural_image_split()
-    if part == "calibration":
-        photos, vs = split.calibration, ((256, 0.5, 0.5, False),)
-    elif part == "evaluation":
-        photos, vs = split.evaluation, (EVAL_VIEWS if views else ((256, 0.5, 0.5, False),))
-    else:
+    if part not in ("calibration", "evaluation"):
         raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
-    xs, ys = [], []
+    photos = split.calibration if part == "calibration" else split.evaluation
+    vs = EVAL_VIEWS if views else ((256, 0.5, 0.5, False),)
+    images = []
     for p in photos:
         with Image.open(p.path) as im:
             im.load()
-            for resize, ox, oy, flip in vs:
-                xs.append(preprocess_imagenet(im, resize=resize, offset=(ox, oy), flip=flip))
-                ys.append(p.label)
-                if limit is not None and len(xs) >= limit:
-                    return np.stack(xs), np.asarray(ys, dtype=np.int64)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+            images.append(im.copy())
+    pairs = ([(i, v) for v in vs for i in range(len(photos))] if part == "calibration"
+             else [(i, v) for i in range(len(photos)) for v in vs])
+    if limit is not None:
+        pairs = pairs[:limit]
+    xs = [preprocess_imagenet(images[i], resize=r, offset=(ox, oy), flip=f)
+          for i, (r, ox, oy, f) in pairs]
+    return np.stack(xs), np.asarray([photos[i].label for i, _ in pairs], dtype=np.int64)
