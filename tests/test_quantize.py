@@ -282,13 +282,13 @@ def test_kl_search_metric_measures_the_fp32_model():
     fq = FakeQuantModel(model, plan)
     x = torch.from_numpy(calib[:7])
     with torch.no_grad():
-        lp32 = torch.log_softmax(model(x), 1).double()
+        lp32 = torch.log_softmax(model(x).double(), 1)
         kl = search_distance(model, fq, x, "kl")
         mse = search_distance(model, fq, x, "mse")
         masks = {lp.name: lp.low_mask(1.0) for lp in plan.layers}
         for sets in ({}, masks):
             fq.set_masks(sets)
-            lq = torch.log_softmax(fq(x), 1).double()
+            lq = torch.log_softmax(fq(x).double(), 1)
             want = float((lp32.exp() * (lp32 - lq)).sum(1).mean())
             assert kl(sets) == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32 sums
         assert mse({}) == 0.0 and mse(masks) > 0.0

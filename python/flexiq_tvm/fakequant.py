@@ -210,6 +210,7 @@ class FakeQuantModel(nn.Module):
         self.net, self.layers = replace_layers(model, plan,
                                                lambda orig, lp: FakeQuantLayer(lp, dtype))
         self.ratio: float | None = None
+        self._memo: _Memo | None = None
         self.set_ratio(plan.ratios[0])
 
     def set_ratio(self, ratio: float) -> None:
@@ -236,7 +237,7 @@ class FakeQuantModel(nn.Module):
     def forward(self, x: torch.Tensor, pin: bool = False) -> torch.Tensor:
         """Logits of the quantized model (float32 unless built with another ``dtype``).
         ``pin``: while memoizing, keep this candidate's layer outputs until the next pin."""
-        memo = getattr(self, "_memo", None)
+        memo = self._memo
         if memo is not None:
             memo.start(x, pin)
         try:

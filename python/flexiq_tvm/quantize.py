@@ -188,6 +188,8 @@ def search_distance(model, fq, x, metric: str = "mse", on_call=None):
     """
     import torch
 
+    from .baselines import kl_divergence
+
     def outputs(net, pin=False):  # every output, flattened side by side (several heads)
         out = net(x, pin=pin) if net is fq else net(x)
         outs = out if isinstance(out, tuple | list) else (out,)
@@ -195,7 +197,7 @@ def search_distance(model, fq, x, metric: str = "mse", on_call=None):
 
     with torch.no_grad():
         if metric == "kl":  # against the FP32 model: what agreement is judged on
-            ref_out = [torch.log_softmax(o, 1) for o in outputs(model.eval())]
+            ref_out = [o.numpy() for o in outputs(model.eval())]
         elif metric == "mse":  # against the INT8 model
             ref_out = outputs(fq)
         else:
@@ -208,12 +210,9 @@ def search_distance(model, fq, x, metric: str = "mse", on_call=None):
             on_call()
         with torch.no_grad():
             got = outputs(fq, pin)
-            if metric == "kl":
-                d = sum((r.exp() * (r - torch.log_softmax(o, 1))).sum(1).mean()
-                        for r, o in zip(ref_out, got))
-            else:
-                d = torch.cat([(o - r) ** 2 for o, r in zip(got, ref_out)], 1).mean()
-            return float(d)
+        if metric == "kl":
+            return float(sum(kl_divergence(r, o.numpy()) for r, o in zip(ref_out, got)))
+        return float(torch.cat([(o - r) ** 2 for o, r in zip(got, ref_out)], 1).mean())
 
     return distance
 

@@ -72,7 +72,7 @@ class Selector:
         """``pin``: the distance may keep this candidate's intermediate results until the
         next pin, so that candidates near it cost less (see ``FakeQuantModel.memoize``)."""
         self.evaluations += 1
-        return float(self.distance(sets, pin=True) if pin else self.distance(sets))
+        return float(self.distance(sets, pin=pin))
 
     def _empty(self) -> dict[str, np.ndarray]:
         return {i.name: np.zeros(i.channels, bool) for i in self.infos}

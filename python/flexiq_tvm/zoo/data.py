@@ -256,15 +256,15 @@ def load_natural(
         raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
     photos = split.calibration if part == "calibration" else split.evaluation
     vs = EVAL_VIEWS if views else ((256, 0.5, 0.5, False),)
-    images = []
-    for p in photos:
-        with Image.open(p.path) as im:
-            im.load()
-            images.append(im.copy())
     pairs = ([(i, v) for v in vs for i in range(len(photos))] if part == "calibration"
              else [(i, v) for i in range(len(photos)) for v in vs])
     if limit is not None:
         pairs = pairs[:limit]
+    images = {}  # only the photos the views need
+    for i in sorted({i for i, _ in pairs}):
+        with Image.open(photos[i].path) as im:
+            im.load()
+            images[i] = im.copy()
     xs = [preprocess_imagenet(images[i], resize=r, offset=(ox, oy), flip=f)
           for i, (r, ox, oy, f) in pairs]
     return np.stack(xs), np.asarray([photos[i].label for i, _ in pairs], dtype=np.int64)
