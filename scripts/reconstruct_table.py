@@ -14,8 +14,6 @@ import argparse
 import json
 import time
 
-import numpy as np
-
 from flexiq_tvm import eval as ev
 from flexiq_tvm.config import FlexiQConfig
 from flexiq_tvm.fakequant import FakeQuantModel, predict
@@ -30,12 +28,6 @@ RUNS = {  # method: config overrides
     "flexiq-evolutionary": {"selection": "evolutionary"},
     "flexiq-evolutionary+gptq": {"selection": "evolutionary", "reconstruct": True},
 }
-
-
-def top5_overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean share of FP32's top-5 classes that are also in the quantized top-5."""
-    ta, tb = np.argsort(-a, 1)[:, :5], np.argsort(-b, 1)[:, :5]
-    return float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(ta, tb)]))
 
 
 def main() -> None:
@@ -77,7 +69,7 @@ def main() -> None:
             fq.set_ratio(r)
             q = predict(fq, x, batch=50)
             row = ev._row(method, r, q, y, fp32, plan, {
-                "top5_overlap": top5_overlap(fp32, q),
+                "top5_overlap": ev.top5_overlap(fp32, q),
                 "selection_seconds": plan.metrics["selection_seconds"],
                 "selection_evaluations": plan.metrics["selection_evaluations"],
                 "reconstruction_seconds": plan.metrics.get("reconstruction_seconds", 0.0)})

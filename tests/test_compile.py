@@ -45,7 +45,8 @@ def test_resnet20_bit_exact_and_equal_to_fakequant(plans, via):
     _check_model(plans, "resnet20_fmnist", via, 40)
 
 
-@pytest.mark.parametrize("name,batch", [("resnet20_fmnist", 3),
+# batch 3 of the fused module on every ISA runs by default in tests/test_fuse_requantize.py
+@pytest.mark.parametrize("name,batch", [pytest.param("resnet20_fmnist", 3, marks=pytest.mark.slow),
                                         pytest.param("vit_fmnist", 2, marks=pytest.mark.slow)])
 def test_batched_module_is_bit_exact(plans, name, batch):
     """A module compiled for a batch: the GEMM's register tiles run over the whole batch (a

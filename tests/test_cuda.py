@@ -403,8 +403,8 @@ def _check_lowering(name, path, static_plan, ratios=(0.0, 0.5, 1.0)):
             assert oracle_mismatches(cm, xs[i : i + 1], r) == [], (r, i)
 
 
-@pytest.mark.parametrize("path", ["mma_s4", pytest.param("mma_s8", marks=pytest.mark.slow),
-                                  pytest.param("dp4a", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 45-60 s per path on 2 cores
+@pytest.mark.parametrize("path", ["mma_s4", "mma_s8", "dp4a"])
 def test_cuda_lowering_of_resnet20_is_oracle_exact_per_layer(path, static_plan):
     # the default run: two ratios over one set of shared weights (both blocks at 0.5, the
     # 4-bit block alone at 1); the slow set checks 0 / 0.5 / 1 on the other paths

@@ -43,6 +43,7 @@ def test_effective_extraction_beats_naive_truncation_at_full_ratio(resnet_doc):
     assert eff["top1"] > w4a4["top1"]
 
 
+@pytest.mark.slow  # 45 s; tests/test_cli.py checks the eval CLI and its keys by default
 def test_eval_cli_with_ratios_writes_all_rows(tmp_path):
     out = tmp_path / "q.json"
     proc = subprocess.run(

@@ -133,7 +133,10 @@ def _cases():
     """Batch 1 and 3 on the best ISA (what compile picks), batch 3 on every other one this CPU
     runs (on a VNNI machine the AVX2 build)."""
     best = hostcpu.best_isa()
-    return [(best, 1), (best, 3)] + [(i, 3) for i in hostcpu.ISAS
+    # the other ISAs are slow here (30 s each): tests/test_compile.py checks every one this
+    # CPU runs bit-exact in the default suite
+    return [(best, 1), (best, 3)] + [pytest.param(i, 3, marks=pytest.mark.slow)
+                                     for i in hostcpu.ISAS
                                      if i != best and hostcpu.isa_available(i)]
 
 

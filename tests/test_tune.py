@@ -55,6 +55,7 @@ def _wait_for_servers(port: int, key: str, n: int, timeout_s: float = 60.0) -> N
     raise TimeoutError(f"{n} RPC servers did not register under {key!r}")
 
 
+@pytest.mark.slow  # 90 s on 2 cores: a full compile with the committed database
 def test_compile_applies_the_committed_database(resnet20):
     from flexiq_tvm.lowering import default_database
 

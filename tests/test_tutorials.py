@@ -25,11 +25,13 @@ def test_every_tutorial_is_listed():
     assert sorted(p.name for p in TUTORIALS.glob("[0-9]*.py")) == sorted(EXPECTED)
 
 
-# tutorial 05 tunes (a MetaSchedule builder starts in ~40 s): under `make test-slow`; its local
-# tuning, RPC tuning and database paths run in the default suite through tests/test_tune.py.
+# tutorial 05 tunes (a MetaSchedule builder starts in ~40 s): under `make test-slow`, like the
+# RPC tuning and database tests of tests/test_tune.py (its task extraction runs by default).
 # Tutorial 06's three commands (compile an ONNX file, serve it, ask it) run in the default
 # suite through tests/test_cli_usermodel.py
-SLOW = {"05_autotuning.py", "06_your_own_onnx.py"}
+# 02 (ONNX EfficientNet, 50 s) and 03 (serving, 60 s) are slow too: their paths run in the
+# default suite through tests/test_onnx_only.py and tests/test_server.py
+SLOW = {"02_onnx_efficientnet.py", "03_serving.py", "05_autotuning.py", "06_your_own_onnx.py"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

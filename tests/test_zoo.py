@@ -81,6 +81,7 @@ def test_fresh_models_have_expected_layer_kinds(name):
         assert any(b.shift > 0 for b in model.modules() if type(b).__name__ == "SwinBlock")
 
 
+@pytest.mark.slow  # 40 s: two short trainings
 def test_training_is_seeded_and_reproducible():
     from flexiq_tvm.zoo.train import train
 

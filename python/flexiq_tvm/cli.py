@@ -341,19 +341,26 @@ def cmd_finetune(args) -> int:
 
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          alpha=args.alpha, train_images=args.train_images,
-                         learn_act_scale=args.learn_act_scale, seed=args.seed)
+                         learn_act_scale=args.learn_act_scale, seed=args.seed,
+                         steps=args.steps)
     plan = QuantPlan.load(args.plan) if args.plan else None
     doc = run(args.model, cfg, plan=plan, selection=args.selection, limit=args.limit,
-              threads=args.threads, save=not args.no_save, progress=args.verbose)
+              threads=args.threads, save=not args.no_save,
+              progress=args.verbose or sys.stderr.isatty())
     print(f"{args.model}: {doc['finetune']['steps']} steps in {doc['finetune']['seconds']:.0f} s;"
-          f" top-1 on {doc['n_images']} test images (FP32 {_fmt(doc['fp32']['top1'])})")
-    rows = {(r["method"], r["ratio"]): r["top1"] for r in doc["results"]}
+          f" {doc['n_images']} test images ({doc['n_labelled']} labelled), FP32 top-1 "
+          f"{_fmt(doc['fp32']['top1'])}")
+    rows = {(r["method"], r["ratio"]): r for r in doc["results"]}
     ratios = sorted({r for m, r in rows if m == "flexiq-ptq"})
-    print(f"  {'ratio':>5} {'PTQ':>8} {'finetuned':>10}")
+    print(f"  {'ratio':>5} {'top-1 PTQ':>10} {'finetuned':>10} {'agree PTQ':>10} "
+          f"{'finetuned':>10}")
     for r in ratios:
-        print(f"  {r:>5g} {_fmt(rows[('flexiq-ptq', r)]):>8} "
-              f"{_fmt(rows[('flexiq-finetuned', r)]):>10}")
-    print(f"  uniform W4A4 (post-training): {_fmt(rows[('uniform-w4a4', None)])}")
+        a, b = rows[("flexiq-ptq", r)], rows[("flexiq-finetuned", r)]
+        print(f"  {r:>5g} {_fmt(a['top1']):>10} {_fmt(b['top1']):>10} "
+              f"{_fmt(a['agreement']):>10} {_fmt(b['agreement']):>10}")
+    w4a4 = rows[("uniform-w4a4", None)]
+    print(f"  uniform W4A4 (post-training): top-1 {_fmt(w4a4['top1'])}, "
+          f"agreement {_fmt(w4a4['agreement'])}")
     if "checkpoint" in doc:
         print(f"  checkpoint: zoo/checkpoints/finetuned/{args.model}.pt + .plan.npz")
     _write_json(doc, args.json)
@@ -581,12 +588,20 @@ Python API: flexiq_tvm.compile / load / quantize; tutorials/ walks through each.
     lt.set_defaults(func=cmd_loadtest)
 
     f = sub.add_parser("finetune", help="quantization-aware finetuning for every ratio at once",
-                       description="Finetune a Fashion-MNIST zoo model under its FlexiQ plan "
+                       description="Finetune a zoo model under its FlexiQ plan "
                        "(straight-through estimator, one ratio sampled per step, distillation "
                        "from FP32; nested channel sets fixed), commit the finetuned checkpoint "
-                       "and plan, and print PTQ vs finetuned top-1 at every ratio.")
-    f.add_argument("--model", required=True, choices=_fmnist_models())
-    f.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+                       "and plan, and print PTQ vs finetuned top-1 at every ratio. "
+                       "Fashion-MNIST models train on the labelled training split; "
+                       "EfficientNet-Lite0 is distilled on augmented views (random crops, "
+                       "flips, colour jitter, mixup) of its calibration photos.")
+    f.add_argument("--model", required=True,
+                   choices=[*_fmnist_models(), "efficientnet_lite0_imagenet"])
+    f.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the data (default 1; Fashion-MNIST)")
+    f.add_argument("--steps", type=int, default=None,
+                   help="training steps, instead of epochs (needed for EfficientNet-Lite0, "
+                   "which is distilled on augmented views of its calibration photos)")
     f.add_argument("--plan", metavar="PATH", help="start from this QuantPlan instead of "
                    "post-training selection")
     f.add_argument("--selection", default="greedy",

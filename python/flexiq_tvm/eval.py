@@ -55,6 +55,12 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
     return float((logits[mask].argmax(1) == labels[mask]).mean())
 
 
+def top5_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean share of ``a``'s top-5 classes (FP32) that are also in ``b``'s top-5."""
+    ta, tb = np.argsort(-a, 1)[:, :5], np.argsort(-b, 1)[:, :5]
+    return float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(ta, tb)]))
+
+
 def evaluate_fp32(
     name: str, limit: int | None = None, tvm_limit: int | None = 500,
     vias: tuple[str, ...] = ("torch.export",), batch: int = 50,

@@ -31,6 +31,24 @@ def _per_weight(values: np.ndarray, lp: LayerPlan) -> np.ndarray:
     return ref.per_weight(values, lp.weight_shape, lp.groups)
 
 
+def extraction_terms(lp: LayerPlan, mask: np.ndarray, shape: tuple, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, ...]:
+    """Per-input-channel ``(half, 2**-s, lo, hi, 2**s)`` of the 4-bit extraction of ``lp``'s
+    input codes under ``mask``, each reshaped to ``shape``.
+
+    One formula for every channel: an 8-bit channel gets shift 0 and the 8-bit bounds, so
+    ``clamp(floor((q + half) * 2**-s), lo, hi) * 2**s`` leaves its code as it is.
+    """
+    sa = lp.act_shift.astype(np.int64)
+    lo8, hi8 = ref.act_range(lp.act_signed)
+    lo4, hi4 = ref.act_range(lp.act_signed, 4)
+    pw = np.where(mask, 2.0**sa, 1.0)
+    half = np.where(mask & (sa > 0), 2.0 ** np.maximum(sa - 1, 0), 0.0)
+    terms = (half, 1.0 / pw, np.where(mask, lo4, lo8), np.where(mask, hi4, hi8), pw)
+    return tuple(torch.from_numpy(np.asarray(t, np.float64)).to(dtype).reshape(shape)
+                 for t in terms)
+
+
 class FakeQuantLayer(nn.Module):
     """Integer-exact emulation of one FlexiQ conv2d/linear layer."""
 
@@ -51,9 +69,6 @@ class FakeQuantLayer(nn.Module):
         w4 = torch.from_numpy(w4.astype(np.float64))
         self.register_buffer("w8", w8)
         self.register_buffer("w4", w4.to(dtype))
-        sa = lp.act_shift.astype(np.int64)
-        self._pow = 2.0**sa  # per input channel, for the 4-bit extraction
-        self._half = np.where(sa > 0, 2.0 ** np.maximum(sa - 1, 0), 0.0)
         mult = np.float32(lp.act_scale) * lp.w_scale.astype(np.float32)
         self.register_buffer("mult", torch.from_numpy(mult))
         bias = None if lp.bias is None else torch.from_numpy(lp.bias.astype(np.float32))
@@ -74,13 +89,7 @@ class FakeQuantLayer(nn.Module):
             return  # unchanged (the channel search sets every layer's mask per candidate)
         self.mask = mask.copy()
         self.mask_sig = hash(np.packbits(mask).tobytes()) | 1
-        # one formula for every channel: an 8-bit channel has shift 0 and its own bounds, so
-        # floor((q + half) * 2**-s) clamped and times 2**s leaves its code as it is
-        pw = np.where(mask, self._pow, 1.0)
-        terms = (np.where(mask, self._half, 0.0), 1.0 / pw,
-                 np.where(mask, self.lo4, self.lo), np.where(mask, self.hi4, self.hi), pw)
-        self.low = tuple(torch.from_numpy(t).to(self.dtype).reshape(self.chan_shape)
-                         for t in terms)
+        self.low = extraction_terms(self.lp, mask, self.chan_shape, self.dtype)
         wmask = torch.from_numpy(_per_weight(mask, self.lp))
         self.weight_now = torch.where(wmask, self.w4, self.w8)
 

@@ -268,3 +268,18 @@ def load_natural(
     xs = [preprocess_imagenet(images[i], resize=r, offset=(ox, oy), flip=f)
           for i, (r, ox, oy, f) in pairs]
     return np.stack(xs), np.asarray([photos[i].label for i, _ in pairs], dtype=np.int64)
+
+
+def load_photos(part: str) -> list:
+    """The source photos of one part of :func:`natural_image_split` as RGB PIL images (for
+    training-time augmentation; held-out photos are only ever evaluated)."""
+    from PIL import Image
+
+    split = natural_image_split()
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
+    out = []
+    for p in split.calibration if part == "calibration" else split.evaluation:
+        with Image.open(p.path) as im:
+            out.append(im.convert("RGB"))
+    return out
