@@ -52,6 +52,7 @@ from torch import nn
 from . import reference as ref
 from .fakequant import extraction_terms, parent_of, replace_layers
 from .plan import LayerPlan, QuantPlan
+from .zoo.data import normalize_imagenet
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,10 @@ class QATLayer(nn.Module):
             self.low = self.wlow = self.terms = None
             return
         m = np.asarray(mask, dtype=bool)
-        self.low = torch.from_numpy(m).reshape(self.chan_shape)
-        self.terms = extraction_terms(self.lp, m, self.chan_shape, torch.float32)
+        if self.learn_act_scale:
+            self.low = torch.from_numpy(m).reshape(self.chan_shape)
+        else:
+            self.terms = extraction_terms(self.lp, m, self.chan_shape, torch.float32)
         self.wlow = torch.from_numpy(ref.per_weight(m, tuple(self.lp.weight_shape),
                                                     self.lp.groups))
 
@@ -318,22 +321,24 @@ def finetune(model: nn.Module, plan: QuantPlan, x_train: np.ndarray, y_train: np
         t_logits = torch.cat([teacher(x[i : i + 500]) for i in range(0, len(x), 500)])
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
-    state = {"perm": rng.permutation(len(x)), "pos": 0}
 
-    def batch(step: int):
-        if state["pos"] + cfg.batch_size > len(x):
-            state["perm"], state["pos"] = rng.permutation(len(x)), 0
-        idx = torch.from_numpy(state["perm"][state["pos"] : state["pos"] + cfg.batch_size])
-        state["pos"] += cfg.batch_size
-        return x[idx], t_logits[idx], y[idx]
+    def batches():
+        perm, pos = rng.permutation(len(x)), 0
+        while True:
+            if pos + cfg.batch_size > len(x):
+                perm, pos = rng.permutation(len(x)), 0
+            idx = torch.from_numpy(perm[pos : pos + cfg.batch_size])
+            pos += cfg.batch_size
+            yield x[idx], t_logits[idx], y[idx]
 
     student = QATModel(model, plan, cfg.learn_act_scale)
-    return _train(student, plan, cfg, total, batch, rng, progress, {"n_train_images": len(x)})
+    return _train(student, plan, cfg, total, batches(), rng, progress,
+                  {"n_train_images": len(x)})
 
 
-def _train(student: QATModel, plan: QuantPlan, cfg: FinetuneConfig, total: int, batch, rng,
-           progress: bool, info: dict) -> tuple[nn.Module, QuantPlan, dict]:
-    """The training loop: ``batch(step)`` gives ``(images, teacher logits, labels or None)``;
+def _train(student: QATModel, plan: QuantPlan, cfg: FinetuneConfig, total: int, batches,
+           rng, progress: bool, info: dict) -> tuple[nn.Module, QuantPlan, dict]:
+    """The training loop: ``batches`` yields ``(images, teacher logits, labels or None)``;
     one plan ratio is drawn per step; cosine lr; returns what :func:`finetune` does."""
     from tqdm.auto import tqdm
 
@@ -345,7 +350,7 @@ def _train(student: QATModel, plan: QuantPlan, cfg: FinetuneConfig, total: int, 
     bar = tqdm(total=total, desc=f"finetune {plan.model}", unit="step", disable=not progress,
                leave=False)
     for step in range(total):
-        xb, tb, yb = batch(step)
+        xb, tb, yb = next(batches)
         r = ratios[int(rng.integers(len(ratios)))]
         student.set_ratio(r)
         for g in opt.param_groups:
@@ -431,8 +436,7 @@ class PhotoAugmenter:
         x = (x - x.mean()) * c + x.mean()
         gray = x @ np.float32([0.299, 0.587, 0.114])
         x = (x - gray[..., None]) * sat + gray[..., None]
-        x = np.clip(x, 0.0, 1.0).transpose(2, 0, 1)
-        return ((x * 255.0 - 127.0) / 128.0).astype(np.float32)
+        return normalize_imagenet(np.clip(x, 0.0, 1.0).transpose(2, 0, 1)).astype(np.float32)
 
     def batch(self, n: int) -> np.ndarray:
         x = np.stack([self.view() for _ in range(n)])
@@ -456,14 +460,15 @@ def distill(model: nn.Module, plan: QuantPlan, photos: list, config: FinetuneCon
     aug = PhotoAugmenter(photos, seed=cfg.seed + 1)
     teacher = copy.deepcopy(model).eval()
 
-    def batch(step: int):
-        xb = torch.from_numpy(aug.batch(cfg.batch_size))
-        with torch.no_grad():
-            return xb, teacher(xb), None
+    def batches():
+        while True:
+            xb = torch.from_numpy(aug.batch(cfg.batch_size))
+            with torch.no_grad():
+                yield xb, teacher(xb), None
 
     student = QATModel(model, plan, cfg.learn_act_scale, from_codes=True)
     info = {"n_photos": len(photos), "views_seen": cfg.steps * cfg.batch_size}
-    return _train(student, plan, cfg, cfg.steps, batch, rng, progress, info)
+    return _train(student, plan, cfg, cfg.steps, batches(), rng, progress, info)
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -225,7 +225,11 @@ def preprocess_imagenet(
     img = img.crop((left, top, left + crop, top + crop))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return normalize_imagenet(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+
+
+def normalize_imagenet(x: np.ndarray) -> np.ndarray:
+    """EfficientNet-Lite's input normalization of RGB values in [0, 1]: ``(x*255-127)/128``."""
     return (x * 255.0 - 127.0) / 128.0
 
 
@@ -251,10 +255,7 @@ def load_natural(
     """
     from PIL import Image
 
-    split = natural_image_split()
-    if part not in ("calibration", "evaluation"):
-        raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
-    photos = split.calibration if part == "calibration" else split.evaluation
+    photos = _part(part)
     vs = EVAL_VIEWS if views else ((256, 0.5, 0.5, False),)
     pairs = ([(i, v) for v in vs for i in range(len(photos))] if part == "calibration"
              else [(i, v) for i in range(len(photos)) for v in vs])
@@ -275,11 +276,15 @@ def load_photos(part: str) -> list:
     training-time augmentation; held-out photos are only ever evaluated)."""
     from PIL import Image
 
-    split = natural_image_split()
-    if part not in ("calibration", "evaluation"):
-        raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
     out = []
-    for p in split.calibration if part == "calibration" else split.evaluation:
+    for p in _part(part):
         with Image.open(p.path) as im:
             out.append(im.convert("RGB"))
     return out
+
+
+def _part(part: str) -> list[Photo]:
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"part={part!r}; allowed: 'calibration', 'evaluation'")
+    split = natural_image_split()
+    return split.calibration if part == "calibration" else split.evaluation
