@@ -463,8 +463,9 @@ def distill(model: nn.Module, plan: QuantPlan, photos: list, config: FinetuneCon
     def batches():
         while True:
             xb = torch.from_numpy(aug.batch(cfg.batch_size))
-            with torch.no_grad():
-                yield xb, teacher(xb), None
+            with torch.no_grad():  # left before yielding: the student's step needs autograd
+                tb = teacher(xb)
+            yield xb, tb, None
 
     student = QATModel(model, plan, cfg.learn_act_scale, from_codes=True)
     info = {"n_photos": len(photos), "views_seen": cfg.steps * cfg.batch_size}
