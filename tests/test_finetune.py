@@ -74,9 +74,12 @@ def test_short_finetune_trains_every_ratio_and_keeps_the_nested_sets(model_plan)
 
 
 COMMITTED = sorted(read_manifest())
+# the Fashion-MNIST checkpoints (issue 9's targets, labelled test images); the ImageNet one is
+# checked on every held-out view in tests/test_finetune_distill.py (slow)
+COMMITTED_FMNIST = [n for n in COMMITTED if registry.spec(n).dataset == "fmnist"]
 
 
-@pytest.mark.parametrize("name", COMMITTED)
+@pytest.mark.parametrize("name", COMMITTED_FMNIST)
 def test_committed_checkpoint_reproduces_and_meets_targets(name):
     model, plan = load_finetuned(name)
     entry = read_manifest()[name]

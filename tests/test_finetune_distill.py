@@ -96,3 +96,49 @@ def test_compact_checkpoint_round_trip(model_plan, tmp_path, monkeypatch):
     a.set_ratio(0.5)
     b.set_ratio(0.5)
     assert np.array_equal(predict(a, x), predict(b, x))
+
+
+LITE0 = "efficientnet_lite0_imagenet"
+
+
+def _lite0_finetuned():
+    if LITE0 not in ft.read_manifest():
+        pytest.skip(f"no committed finetuned {LITE0}")
+    return ft.load_finetuned(LITE0)
+
+
+@pytest.mark.slow
+def test_committed_lite0_reproduces_its_agreement_on_every_held_out_view():
+    """The committed distilled Lite0 gives back, view for view, the agreement with FP32 that
+    its manifest records at every ratio (about 10 min: 1360 views x 5 ratios in fake-quant)."""
+    from flexiq_tvm.eval import load_eval_data
+    from flexiq_tvm.zoo import registry
+
+    model, plan = _lite0_finetuned()
+    entry = ft.read_manifest()[LITE0]
+    _, x, _ = load_eval_data(LITE0, None)
+    assert len(x) == entry["n_test_images"] > 1000
+    fp32 = predict(registry.get_model(LITE0), x, 50).argmax(1)
+    fq = FakeQuantModel(model, plan)
+    got = {}
+    for r in plan.ratios:
+        fq.set_ratio(r)
+        got[f"{r:g}"] = float((predict(fq, x, 50).argmax(1) == fp32).mean())
+    assert got == {f"{float(k):g}": v for k, v in entry["agreement"].items()}
+
+
+@pytest.mark.slow
+def test_committed_lite0_compiles_bit_exact_at_ratios_0_half_1():
+    """Issue 22: the compiled finetuned Lite0 is bit-exact with the oracle on its final codes."""
+    import flexiq_tvm
+    from flexiq_tvm import FlexiQConfig
+    from flexiq_tvm.api import oracle_mismatches
+    from flexiq_tvm.eval import load_eval_data
+
+    model, plan = _lite0_finetuned()
+    _, x, _ = load_eval_data(LITE0, 1)
+    cm = flexiq_tvm.compile(model, x, plan=plan, expose_layers=True,
+                            config=FlexiQConfig(ratios=(0, 0.5, 1)))
+    assert len(cm.report.covered) == len(plan.layers)
+    for r in cm.ratios:
+        assert oracle_mismatches(cm, x, r) == [], r

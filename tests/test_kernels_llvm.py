@@ -246,9 +246,10 @@ def test_schedule_reduction_parallelises_and_keeps_results_bit_identical():
 
 
 @pytest.mark.parametrize("n,c,h,w,groups,o,k,stride,dil", [
-    (1, 16, 14, 14, 16, 16, 3, 1, 1),  # depthwise, 8-column vectors and no ragged end
+    (1, 16, 14, 14, 16, 16, 3, 1, 1),  # depthwise, a row shorter than one vector
     (2, 8, 11, 13, 8, 8, 5, 2, 1),  # batch 2, 5x5, strided, ragged end
     (1, 12, 9, 9, 4, 24, 3, 1, 2),  # grouped (3 in, 6 out per group), dilated
+    (2, 4, 20, 21, 4, 4, 3, 1, 1),  # a whole vector and a ragged one per row
 ])
 def test_mixed_grouped_conv_matches_numpy(n, c, h, w, groups, o, k, stride, dil):
     from flexiq_tvm.transform.quantize_mixed_precision import pack_int4_flat

@@ -765,13 +765,30 @@ def padded_codes(n, c, h, w, pad, inv, signed, z: bool = False):
     return body
 
 
+def _strided(buf, start, stride, lanes):
+    """``buf[start + stride * i]`` for ``i < lanes`` as one vector: a contiguous load of
+    ``stride * lanes`` elements and a shuffle of every ``stride``-th (LLVM turns a strided
+    ramp into one scalar load per lane)."""
+    if stride == 1:
+        return buf[T.ramp(start, 1, lanes)]
+    return tirx.Shuffle([buf[T.ramp(start, 1, stride * lanes)]],
+                        [tirx.IntImm("int32", stride * i) for i in range(lanes)])
+
+
+GV = 16  # output columns per vector of the grouped conv (int32 lanes: one zmm, two ymm)
+
+
 def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups):
     """Direct grouped conv over padded codes -> acc i32[n,o,oh,ow]; the raw 4-bit weight where
     ``rank[cin] < n_low`` (whose activation codes come pre-shifted), else the INT8 weight.
 
     Parallel over (image, output channel); the channel's ``cg x kh x kw`` weights are decoded
-    once into a small register-resident buffer, then each output row is computed 8 columns at
-    a time (taps unrolled, int32 vector accumulator), the ragged end column by column.
+    once into a small register-resident buffer, then each output row is computed ``GV``
+    columns at a time (taps unrolled, int32 vector accumulator). A row shorter than ``GV`` (7
+    and 14 columns are common) is still one vector: its spare lanes read the codes that follow
+    in memory and are never stored, so the ragged end costs no scalar loop. The last image's
+    last group of planes, where those lanes would read past the buffer, is computed column by
+    column.
     """
     og = o // groups
     sh, sw = stride
@@ -779,7 +796,12 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
     kk = kh * kw
     nw = o * cg * kk
     npk = (nw + 1) // 2
-    xv = ow // 8 * 8  # columns done 8 at a time
+    plane = hp * wp
+    nfull, rem = ow // GV, ow % GV  # whole vectors per row, stored lanes of the last one
+    nvec, rl = nfull + (1 if rem else 0), max(rem, 1)
+
+    def tap(y, x, r):  # offset in the plane of the code under output (y, x), tap r
+        return (y * sh + r // kw * dh) * wp + x * sw + r % kw * dw
 
     @T.prim_func(private=True, s_tir=True)
     def mixed_grouped_conv(q: T.Buffer((n, c, hp, wp), "int16"),
@@ -788,9 +810,9 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
                            acc: T.Buffer((n, o, oh, ow), "int32")):
         T.func_attr({"tir.noalias": True, "op_pattern": OPAQUE})
         with T.sblock("root"):
+            qf = T.decl_buffer((n * c * plane,), "int16", data=q.data)
             for bo in T.parallel(n * o):
                 wv = T.decl_buffer((cg * kk,), "int32")
-                vec = T.decl_buffer((8,), "int32")
                 for ci, r in T.grid(cg, kk):
                     wv[ci * kk + r] = T.if_then_else(
                         rank[(bo % o) // og * cg + ci] < n_low,
@@ -798,26 +820,33 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
                             T.Cast("int32", w4[(((bo % o) * cg + ci) * kk + r) // 2]),
                             (((bo % o) * cg + ci) * kk + r) % 2 * 4), 15), 8) - 8,
                         T.Cast("int32", w8[bo % o, ci, r // kw, r % kw]))
-                for y in range(oh):
-                    for xo in range(xv // 8):
-                        for xi in T.vectorized(8):
+                if bo // o == n - 1 and (bo % o) // og == groups - 1:
+                    for y, x in T.grid(oh, ow):
+                        one = T.decl_buffer((1,), "int32")
+                        one[0] = 0
+                        for ci, r in T.grid(cg, kk):
+                            one[0] = one[0] + T.Cast("int32", qf[
+                                ((bo // o) * c + (bo % o) // og * cg + ci) * plane
+                                + tap(y, x, r)]) * wv[ci * kk + r]
+                        acc[bo // o, bo % o, y, x] = one[0]
+                else:
+                    for y, xo in T.grid(oh, nvec):
+                        vec = T.decl_buffer((GV,), "int32")
+                        for xi in T.vectorized(GV):
                             vec[xi] = 0
                         for ci in range(cg):
                             for r in T.unroll(kk):
-                                for xi in T.vectorized(8):
-                                    vec[xi] = vec[xi] + T.Cast("int32", q[
-                                        bo // o, (bo % o) // og * cg + ci,
-                                        y * sh + r // kw * dh,
-                                        (xo * 8 + xi) * sw + r % kw * dw]) * wv[ci * kk + r]
-                        for xi in T.vectorized(8):
-                            acc[bo // o, bo % o, y, xo * 8 + xi] = vec[xi]
-                    for x in range(ow - xv):
-                        acc[bo // o, bo % o, y, xv + x] = 0
-                        for ci, r in T.grid(cg, kk):
-                            acc[bo // o, bo % o, y, xv + x] = acc[bo // o, bo % o, y, xv + x] + \
-                                T.Cast("int32", q[bo // o, (bo % o) // og * cg + ci,
-                                                  y * sh + r // kw * dh,
-                                                  (xv + x) * sw + r % kw * dw]) * wv[ci * kk + r]
+                                vec[T.ramp(0, 1, GV)] = vec[T.ramp(0, 1, GV)] + T.Cast(
+                                    f"int32x{GV}", _strided(qf, ((bo // o) * c + (bo % o) // og
+                                                                 * cg + ci) * plane
+                                                            + tap(y, xo * GV, r), sw, GV)) \
+                                    * T.broadcast(wv[ci * kk + r], GV)
+                        if xo < nfull:
+                            for xi in T.vectorized(GV):
+                                acc[bo // o, bo % o, y, xo * GV + xi] = vec[xi]
+                        else:
+                            for xi in T.unroll(rl):
+                                acc[bo // o, bo % o, y, nfull * GV + xi] = vec[xi]
 
     return mixed_grouped_conv
 
