@@ -13,6 +13,7 @@ from PIL import Image
 
 from flexiq_tvm import finetune as ft
 from flexiq_tvm.fakequant import FakeQuantModel, predict
+from flexiq_tvm.plan import codes_digest
 from flexiq_tvm.zoo import data
 
 NAME = "resnet20_fmnist"
@@ -52,6 +53,8 @@ def test_student_from_codes_is_the_plan_even_when_codes_are_not_rounded_weights(
     lp = plan.layers[2]
     codes = lp.w_codes.astype(np.int32)
     codes[..., 0] = np.clip(codes[..., 0] + 1, -127, 127)  # not round(w / s) any more
+    # as the reconstruction leaves it: the digest of the FP32 weights' nearest codes
+    lp.weight_digest = codes_digest(lp.w_codes)
     lp.w_codes = codes.astype(np.int8)
     x, _ = data.load_fmnist("test", 16)
     fq = FakeQuantModel(model, plan)
@@ -61,9 +64,12 @@ def test_student_from_codes_is_the_plan_even_when_codes_are_not_rounded_weights(
         student.set_ratio(r)
         with torch.no_grad():
             assert np.array_equal(student(torch.from_numpy(x)).numpy(), predict(fq, x)), r
-    _, exported = student.export()
+    net, exported = student.export()
     assert all(np.array_equal(a.w_codes, b.w_codes) and np.array_equal(a.w_scale, b.w_scale)
                for a, b in zip(plan.layers, exported.layers, strict=True))
+    # the compiler finds every exported layer by the exported model's weights
+    assert all(b.matches(net.get_submodule(b.name).weight.detach().numpy())
+               for b in exported.layers)
 
 
 def test_augmenter_is_seeded_and_normalized():

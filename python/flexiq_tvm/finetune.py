@@ -264,8 +264,11 @@ class QATModel(nn.Module):
             w_scale = (np.asarray(lp.w_scale, np.float32).copy() if self.from_codes
                        else ref.weight_scales(w))
             scale, inv_scale = qat.act_scales()
+            # the codes are now the trained weights' nearest ones, so the compiler finds the
+            # layer by them: a reconstructed plan's digest (of the FP32 weights' nearest
+            # codes) would no longer match any weight of the exported model
             layers.append(dataclasses.replace(
-                lp, w_codes=ref.quantize_weight(w, w_scale), w_scale=w_scale,
+                lp, w_codes=ref.quantize_weight(w, w_scale), w_scale=w_scale, weight_digest="",
                 bias=None if qat.module.bias is None
                 else qat.module.bias.detach().float().numpy().copy(),
                 act_scale=scale, act_inv_scale=inv_scale))
@@ -613,6 +616,13 @@ def run(name: str, config: FinetuneConfig | None = None, plan: QuantPlan | None 
     doc["summary"] = summarize(doc)
     if save:
         how = f"--steps {cfg.steps}" if cfg.steps else f"--epochs {cfg.epochs:g}"
+        default = FinetuneConfig()
+        for flag, key in (("--lr", "lr"), ("--batch-size", "batch_size"), ("--alpha", "alpha"),
+                          ("--seed", "seed")):
+            if getattr(cfg, key) != getattr(default, key):
+                how += f" {flag} {getattr(cfg, key):g}"
+        if threads != 1:  # torch's reductions, hence the weights, depend on the thread count
+            how += f" --threads {threads}"
         entry = {"top1": {f"{r['ratio']:g}": r["top1"] for r in doc["results"]
                           if r["method"] == "flexiq-finetuned"},
                  "agreement": {f"{r['ratio']:g}": r["agreement"] for r in doc["results"]
