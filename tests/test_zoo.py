@@ -32,10 +32,11 @@ def test_trained_model_meets_accuracy_bar_on_full_test_set(name, fmnist_test):
     assert acc == pytest.approx(registry.read_manifest()[name]["top1"], abs=1e-4)
 
 
-def test_efficientnet_lite0_is_pretrained_and_recognizes_labelled_photos():
+def test_efficientnet_lite0_is_pretrained_and_recognizes_labelled_photos(capfd):
     from flexiq_tvm.zoo import data
 
     model = registry.get_model("efficientnet_lite0_imagenet")
+    assert capfd.readouterr().out == ""  # the library's "Loaded pretrained weights" line
     photos = [p for p in data.natural_photos() if p.label >= 0]
     from PIL import Image
 

