@@ -96,12 +96,17 @@ def test_committed_checkpoint_reproduces_and_meets_targets(name):
     assert fp32 - got["0.5"] <= 0.005, (name, fp32, got)  # ratio 0.5 within 0.5 pt
 
 
-def test_finetuned_resnet20_compiles_bit_exact():
-    if NAME not in COMMITTED:
-        pytest.skip(f"no committed finetuned {NAME}")
-    model, plan = load_finetuned(NAME)
-    _, x, _ = load_eval_data(NAME, 1)
-    cm = flexiq_tvm.compile(model, x, plan=plan, expose_layers=True)
+@pytest.mark.parametrize("name,ratios", [
+    (NAME, None),
+    # issue 22: the distilled Lite0 on its final codes (a Lite0 compile is slow)
+    pytest.param("efficientnet_lite0_imagenet", (0, 0.5, 1), marks=pytest.mark.slow)])
+def test_committed_finetuned_model_compiles_bit_exact(name, ratios):
+    if name not in COMMITTED:
+        pytest.skip(f"no committed finetuned {name}")
+    model, plan = load_finetuned(name)
+    _, x, _ = load_eval_data(name, 1)
+    config = None if ratios is None else flexiq_tvm.FlexiQConfig(ratios=ratios)
+    cm = flexiq_tvm.compile(model, x, plan=plan, expose_layers=True, config=config)
     assert len(cm.report.covered) == len(plan.layers)
     for r in cm.ratios:
         assert oracle_mismatches(cm, x, r) == [], r

@@ -132,19 +132,3 @@ def test_committed_lite0_reproduces_its_agreement_on_every_held_out_view():
         got[f"{r:g}"] = float((predict(fq, x, 50).argmax(1) == fp32).mean())
     assert got == {f"{float(k):g}": v for k, v in entry["agreement"].items()}
 
-
-@pytest.mark.slow
-def test_committed_lite0_compiles_bit_exact_at_ratios_0_half_1():
-    """Issue 22: the compiled finetuned Lite0 is bit-exact with the oracle on its final codes."""
-    import flexiq_tvm
-    from flexiq_tvm import FlexiQConfig
-    from flexiq_tvm.api import oracle_mismatches
-    from flexiq_tvm.eval import load_eval_data
-
-    model, plan = _lite0_finetuned()
-    _, x, _ = load_eval_data(LITE0, 1)
-    cm = flexiq_tvm.compile(model, x, plan=plan, expose_layers=True,
-                            config=FlexiQConfig(ratios=(0, 0.5, 1)))
-    assert len(cm.report.covered) == len(plan.layers)
-    for r in cm.ratios:
-        assert oracle_mismatches(cm, x, r) == [], r

@@ -800,8 +800,9 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
     nfull, rem = ow // GV, ow % GV  # whole vectors per row, stored lanes of the last one
     nvec, rl = nfull + (1 if rem else 0), max(rem, 1)
 
-    def tap(y, x, r):  # offset in the plane of the code under output (y, x), tap r
-        return (y * sh + r // kw * dh) * wp + x * sw + r % kw * dw
+    def at(bo, ci, y, x, r):  # flat index of the code under output (y, x), input ci, tap r
+        return (((bo // o) * c + (bo % o) // og * cg + ci) * plane
+                + (y * sh + r // kw * dh) * wp + x * sw + r % kw * dw)
 
     @T.prim_func(private=True, s_tir=True)
     def mixed_grouped_conv(q: T.Buffer((n, c, hp, wp), "int16"),
@@ -825,9 +826,8 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
                         one = T.decl_buffer((1,), "int32")
                         one[0] = 0
                         for ci, r in T.grid(cg, kk):
-                            one[0] = one[0] + T.Cast("int32", qf[
-                                ((bo // o) * c + (bo % o) // og * cg + ci) * plane
-                                + tap(y, x, r)]) * wv[ci * kk + r]
+                            one[0] = one[0] + T.Cast("int32", qf[at(bo, ci, y, x, r)]) \
+                                * wv[ci * kk + r]
                         acc[bo // o, bo % o, y, x] = one[0]
                 else:
                     for y, xo in T.grid(oh, nvec):
@@ -837,9 +837,8 @@ def mixed_grouped_conv(n, c, hp, wp, o, cg, kh, kw, stride, dil, oh, ow, groups)
                         for ci in range(cg):
                             for r in T.unroll(kk):
                                 vec[T.ramp(0, 1, GV)] = vec[T.ramp(0, 1, GV)] + T.Cast(
-                                    f"int32x{GV}", _strided(qf, ((bo // o) * c + (bo % o) // og
-                                                                 * cg + ci) * plane
-                                                            + tap(y, xo * GV, r), sw, GV)) \
+                                    f"int32x{GV}", _strided(qf, at(bo, ci, y, xo * GV, r), sw,
+                                                            GV)) \
                                     * T.broadcast(wv[ci * kk + r], GV)
                         if xo < nfull:
                             for xi in T.vectorized(GV):
